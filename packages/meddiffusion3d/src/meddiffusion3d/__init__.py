@@ -1,0 +1,3 @@
+"""meddiffusion3d."""
+
+__version__ = "0.1.0"
