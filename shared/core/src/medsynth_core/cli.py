@@ -1,0 +1,98 @@
+"""The command-line frame every package shares: ``<package> VERB [options]``.
+
+A package lists its verbs (name, help, how to add its arguments, what to run) and calls
+:func:`run_cli`. Errors meant for the user (bad config key, unreadable file, foreign checkpoint)
+print one clear line and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+
+EXIT_USER_ERROR = 2
+EXIT_NOT_IMPLEMENTED = 3
+
+
+class UserError(RuntimeError):
+    """Anything the user can fix (bad input, missing weights); printed without a traceback."""
+
+
+@dataclass(frozen=True)
+class Verb:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int | None]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--config C`` plus trailing ``key.sub=value`` overrides."""
+    parser.add_argument("--config", required=required, help="YAML config (see the package's configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. train.lr=2e-4 data.root=/data/x")
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to resume from (default: the latest in the run directory)")
+
+
+def demo_arguments(prog: str) -> Callable[[argparse.ArgumentParser], None]:
+    """``--out`` (default ``runs/demo/<prog>``) for the ``demo`` verb."""
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", default=f"runs/demo/{prog}",
+                            help=f"output folder for figure.png and metrics.json (default runs/demo/{prog})")
+
+    return add
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .io import MedicalIOError
+
+    return (ConfigError, CheckpointError, UserError, MedicalIOError, FileNotFoundError)
+
+
+def build_parser(prog: str, description: str, verbs: Sequence[Verb]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in verbs:
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
+        if verb.add_arguments is not None:
+            verb.add_arguments(p)
+        p.set_defaults(_run=verb.run)
+    return parser
+
+
+def run_cli(prog: str, description: str, verbs: Sequence[Verb], argv: Sequence[str] | None = None) -> int:
+    args = build_parser(prog, description, verbs).parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return int(args._run(args) or 0)
+    except _user_errors() as exc:
+        print(f"{prog} {args.verb}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog} {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def not_implemented(prog: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    """Handler for verbs whose implementation has not landed yet: says so, exits non-zero."""
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"{prog} {args.verb}: not implemented yet (tracked in issue {issue}); no output was written",
+              file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+
+    return run

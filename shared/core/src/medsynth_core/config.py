@@ -1,0 +1,271 @@
+"""YAML configs mapped onto typed dataclasses, validated, with ``key.sub=value`` overrides.
+
+A package describes its config as (nested) dataclasses with type annotations and defaults::
+
+    @dataclass
+    class Optim:
+        lr: float = 1e-4
+        betas: tuple[float, float] = (0.5, 0.999)
+
+    @dataclass
+    class Config:
+        optim: Optim = field(default_factory=Optim)
+        mode: Literal["a", "b"] = "a"
+
+    cfg = load_config(Config, "configs/paper.yaml", ["optim.lr=2e-4"])
+
+Unknown keys, wrong types and values rejected by a dataclass's ``__post_init__`` raise
+:class:`ConfigError` naming the file and the dotted key (with the valid keys and a close match).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from .atomic import atomic_write_text
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the source and the key."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check/convert ``value`` to the annotation ``tp``."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{source}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})"
+        )
+
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{source}: key '{key}' must be one of {list(args)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise fail(f"a mapping of {tp.__name__} fields")
+        return _from_mapping(tp, value, key, source)
+    if origin in (list, Sequence) or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        inner = args[0] if args else Any
+        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if args and (len(args) == 2 and args[1] is Ellipsis):
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value))
+        if args:
+            if len(args) != len(value):
+                raise fail(f"a list of {len(args)} values")
+            return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(value)
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise fail("a mapping")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "yes", "on")
+        raise fail("true/false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise fail("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise fail("an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise fail("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise fail("a string")
+    if tp is Path:
+        if isinstance(value, (str, os.PathLike)):
+            return Path(value)
+        raise fail("a path")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise fail(_type_name(tp))
+
+
+def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str, source: str) -> T:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k in data:
+        if k not in fields:
+            where = f"under '{prefix}'" if prefix else "at the top level"
+            close = difflib.get_close_matches(str(k), list(fields), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            dotted = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(
+                f"{source}: unknown key '{dotted}'{hint} Valid keys {where}: {', '.join(fields)}"
+            )
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}.{name}" if prefix else name, source)
+        elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING:
+            # nested section left out: build its defaults (validated by its __post_init__ too)
+            kwargs[name] = _from_mapping(hints[name], {}, f"{prefix}.{name}" if prefix else name, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: required key '{prefix + '.' if prefix else ''}{name}' is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        where = f" in section '{prefix}'" if prefix else ""
+        raise ConfigError(f"{source}: invalid value{where}: {exc}") from exc
+
+
+def config_from_dict(cls: type[T], data: Mapping[str, Any] | None, source: str = "config") -> T:
+    """Build and validate a config dataclass from a (nested) mapping."""
+    return _from_mapping(cls, data or {}, "", source)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists, paths as strings) that :func:`config_from_dict` reads back."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` → ``{"a": {"b": 1}, "c": [1, 2]}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def merge_dicts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive merge; mappings merge, everything else is replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge_dicts(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | None = None,
+) -> T:
+    """Defaults ← ``base`` ← YAML file ← command-line overrides, validated into ``cls``."""
+    data: dict[str, Any] = dict(base or {})
+    source = "config"
+    if path is not None:
+        data = merge_dicts(data, read_yaml(path))
+        source = str(path)
+    if overrides:
+        data = merge_dicts(data, parse_overrides(overrides))
+        source += " (with command-line overrides)"
+    return config_from_dict(cls, data, source=source)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config (dataclass or mapping) as YAML, atomically."""
+    data = config_to_dict(cfg)
+    return atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """For ``__post_init__`` checks: ``require(self.lr > 0, "lr", "must be > 0")``."""
+    if not condition:
+        raise ValueError(f"'{key}' {message}")

@@ -1,0 +1,272 @@
+"""Pieces every trainer uses: EMA, autocast choice, gradient clipping, run directories, a rank-0
+logger (console + TensorBoard + JSONL), tqdm on rank 0, and a step-indexed loader that resumes
+mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .distributed import get_rank, get_world_size, is_main_process, unwrap
+
+log = logging.getLogger("medsynth")
+
+
+# -------------------------------------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of a module's parameters (buffers are copied).
+
+    ``update(model)`` does ``θ_ema ← decay·θ_ema + (1−decay)·θ``; pass ``decay=`` per call for
+    schedules (warm-up, half-life, "plain copy before step N"). ``module`` is the averaged copy, in
+    eval mode and without gradients.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float = 0.999):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        self.decay = decay
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        src = unwrap(model)
+        ema_p = [p for p in self.module.parameters()]
+        cur_p = [p.detach().to(q.dtype) for p, q in zip(src.parameters(), ema_p)]
+        if ema_p:
+            torch._foreach_lerp_(ema_p, cur_p, 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), src.buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_from(self, model: torch.nn.Module) -> None:
+        """Set the average to the model's current weights (a decay-0 update)."""
+        self.update(model, decay=0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "num_updates": self.num_updates, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.decay = float(state["decay"])
+        self.num_updates = int(state["num_updates"])
+        self.module.load_state_dict(state["module"])
+
+
+def ema_decay_from_half_life(batch_size: int, half_life_samples: float) -> float:
+    """Decay per step such that the weight of a sample halves after ``half_life_samples`` samples."""
+    return 0.5 ** (batch_size / max(half_life_samples, 1e-8))
+
+
+# ------------------------------------------------------------------------------- precision, grads
+def autocast_dtype(device: torch.device | str, enabled: bool = True) -> torch.dtype | None:
+    """bf16 on CUDA devices that support it, else fp16 on CUDA; ``None`` (fp32) on CPU or when off."""
+    device = torch.device(device)
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA; a no-op on CPU so CPU results never change."""
+    dtype = autocast_dtype(device, enabled)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def grad_scaler(device: torch.device | str, enabled: bool = True) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 autocast (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, enabled) == torch.float16)
+
+
+def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
+    """Clip to ``max_norm`` (skip when None/≤0); returns the total norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm is None or max_norm <= 0:
+        norms = torch.stack([p.grad.detach().norm() for p in params])
+        return float(norms.norm())
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+def count_parameters(module: torch.nn.Module) -> dict[str, int]:
+    return {
+        "total": sum(p.numel() for p in module.parameters()),
+        "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad),
+    }
+
+
+def set_num_threads(n: int | None) -> None:
+    """Cap intra-op CPU threads (CPU torch oversubscribes badly on small machines)."""
+    if n:
+        torch.set_num_threads(int(n))
+
+
+# ---------------------------------------------------------------------------------- run folders
+@dataclass(frozen=True)
+class RunDir:
+    """``<root>/<package>/<name>/`` holding ``config.yaml``, ``checkpoints/``, ``images/``,
+    ``tb/`` (TensorBoard) and ``metrics.jsonl``."""
+
+    path: Path
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, package: str, name: str) -> RunDir:
+        run = cls(Path(root) / package / name)
+        if is_main_process():
+            for sub in (run.checkpoints, run.images, run.tensorboard):
+                sub.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def images(self) -> Path:
+        return self.path / "images"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+
+class RunLogger:
+    """Rank-0 metric logging to the console, TensorBoard and ``metrics.jsonl``; silent elsewhere."""
+
+    def __init__(self, run: RunDir, enabled: bool | None = None, tensorboard: bool = True):
+        self.run = run
+        self.enabled = is_main_process() if enabled is None else enabled
+        self._tb = None
+        if self.enabled:
+            run.path.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(run.tensorboard))
+            self._jsonl = open(run.metrics, "a", encoding="utf-8")  # noqa: SIM115
+
+    def log(self, step: int, metrics: Mapping[str, float], prefix: str = "train", console: bool = False) -> None:
+        if not self.enabled:
+            return
+        clean = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": int(step), "split": prefix, "time": time.time(), **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if math.isfinite(v):
+                    self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if console:
+            log.info("%s step %d: %s", prefix, step, ", ".join(f"{k}={v:.4g}" for k, v in clean.items()))
+
+    def close(self) -> None:
+        if self.enabled:
+            if self._tb is not None:
+                self._tb.close()
+            self._jsonl.close()
+            self.enabled = False
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", initial: int = 0,
+             **kwargs: Any):
+    """tqdm that only draws on rank 0."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=not is_main_process(),
+                dynamic_ncols=True, **kwargs)
+
+
+# --------------------------------------------------------------------------------- data loading
+def index_rng(*keys: int) -> np.random.Generator:
+    """A numpy generator determined only by integer keys (e.g. seed, epoch, sample index).
+
+    Datasets that draw random augmentations per item should use it, so a resumed run, any number
+    of workers and any rank produce the same augmentations for the same (epoch, index).
+    """
+    return np.random.default_rng([int(k) % 2**63 for k in keys])
+
+
+class ResumableLoader:
+    """Step-indexed batches over a dataset, sharded over ranks, restartable at any step.
+
+    Epoch ``e`` uses the permutation of ``DistributedSampler(seed, epoch=e)``; step ``s`` is batch
+    ``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch``. ``iterate(start_step)`` skips
+    ahead without loading the skipped batches, so N steps straight equal N/2 + resume + N/2. A
+    dataset with ``set_epoch(epoch)`` is told the epoch before each one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, num_workers: int = 0, collate_fn=None, pin_memory: bool = False):
+        from .distributed import make_sampler
+
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty: check the data folder and its file pattern")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn
+        self.pin_memory = pin_memory
+        self.sampler = make_sampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
+        per_rank = len(self.sampler)
+        self.drop_last = drop_last and per_rank >= batch_size
+        self.steps_per_epoch = per_rank // batch_size if self.drop_last else math.ceil(per_rank / batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"dataset of {len(dataset)} items over {get_world_size()} ranks gives no batch of {batch_size}"
+            )
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        idx = list(self.sampler)
+        return [idx[i: i + self.batch_size] for i in range(0, self.steps_per_epoch * self.batch_size,
+                                                           self.batch_size) if idx[i: i + self.batch_size]]
+
+    def iterate(self, start_step: int = 0, max_steps: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(step, batch)`` from ``start_step`` until ``max_steps`` (forever when None)."""
+        step = start_step
+        while max_steps is None or step < max_steps:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            batches = self._batches(epoch)[offset:]
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 97 + get_rank())
+            loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                collate_fn=self.collate_fn, pin_memory=self.pin_memory, generator=g,
+                                persistent_workers=False)
+            for batch in loader:
+                if max_steps is not None and step >= max_steps:
+                    return
+                yield step, batch
+                step += 1

@@ -1,0 +1,88 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medsynth_core.atomic import atomic_output, atomic_write_text
+from medsynth_core.bench import BenchCase, peak_rss_mb, run_case
+from medsynth_core.cli import EXIT_NOT_IMPLEMENTED, EXIT_USER_ERROR, UserError, Verb, not_implemented, run_cli
+from medsynth_core.config import ConfigError
+
+
+def test_atomic_output_keeps_extension_and_cleans_up(tmp_path):
+    dest = tmp_path / "sub" / "vol.nii.gz"
+    with atomic_output(dest) as tmp:
+        assert tmp.name == "vol.nii.gz" and tmp.parent.parent == dest.parent
+        tmp.write_bytes(b"abc")
+    assert dest.read_bytes() == b"abc"
+    with pytest.raises(RuntimeError):
+        with atomic_output(dest) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("crash")
+    assert dest.read_bytes() == b"abc"
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["vol.nii.gz"]
+    atomic_write_text(dest, "x")
+    assert dest.read_text() == "x"
+
+
+def test_cli_dispatch_and_user_errors(capsys):
+    calls = []
+
+    def ok(args):
+        calls.append(args.n)
+
+    def bad_config(args):
+        raise ConfigError("c.yaml: unknown key 'x'")
+
+    def bad_input(args):
+        raise UserError("/data/a.nii.gz: NaN found")
+
+    verbs = [
+        Verb("ok", "fine", ok, lambda p: p.add_argument("--n", type=int, default=1)),
+        Verb("cfg", "bad config", bad_config),
+        Verb("inp", "bad input", bad_input),
+        Verb("todo", "later", not_implemented("tool", "#9")),
+    ]
+    assert run_cli("tool", "test", verbs, ["ok", "--n", "4"]) == 0 and calls == [4]
+    assert run_cli("tool", "test", verbs, ["cfg"]) == EXIT_USER_ERROR
+    assert "tool cfg: error: c.yaml: unknown key 'x'" in capsys.readouterr().err
+    assert run_cli("tool", "test", verbs, ["inp"]) == EXIT_USER_ERROR
+    assert run_cli("tool", "test", verbs, ["todo"]) == EXIT_NOT_IMPLEMENTED
+    assert "not implemented yet (tracked in issue #9)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_cli("tool", "test", verbs, ["nope"])
+
+
+def test_bench_case_measures_train_and_infer():
+    def setup(device):
+        model = torch.nn.Linear(64, 64).to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(16, 64, device=device)
+
+        def step():
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+
+        def infer():
+            with torch.no_grad():
+                model(x)
+
+        return {"train_step": step, "infer": infer, "batch_size": 16, "params": 64 * 65}
+
+    r = run_case(BenchCase("lin", setup), torch.device("cpu"), warmup=1, repeats=2)
+    assert r["train_step_s"] > 0 and r["infer_latency_s"] > 0
+    assert r["train_samples_per_s"] == pytest.approx(16 / r["train_step_s"])
+    assert r["params"] == 4160 and r["peak_rss_mb"] > 10
+    json.dumps(r)  # report must be JSON-serialisable
+    assert peak_rss_mb() > 0
+
+
+def test_core_names_no_method():
+    src = Path(__file__).resolve().parents[1] / "src" / "medsynth_core"
+    banned = ["fda", "drdm", "mgdcr", "uni-coal", "unicoal", "uni_coal", "meddiffusion", "biflownet", "diffae"]
+    for f in src.rglob("*.py"):
+        text = f.read_text(encoding="utf-8").lower()
+        for word in banned:
+            assert word not in text, f"{f.name} mentions '{word}': medsynth-core must not know any method"

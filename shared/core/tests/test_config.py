@@ -1,0 +1,119 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from medsynth_core.config import (
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    parse_overrides,
+    require,
+    save_config,
+)
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+
+    def __post_init__(self):
+        require(self.lr > 0, "lr", "must be > 0")
+
+
+@dataclass
+class Model:
+    channels: tuple[int, ...] = (8, 16)
+    latent: int = 4
+    norm: Literal["group", "instance"] = "group"
+    weights: Path | None = None
+
+
+@dataclass
+class Cfg:
+    name: str = "run"
+    model: Model = field(default_factory=Model)
+    optim: Optim = field(default_factory=Optim)
+    phases: list[str] = field(default_factory=lambda: ["a", "b"])
+    amp: bool = False
+
+
+def write(tmp_path, data):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_defaults_file_and_overrides_layer(tmp_path):
+    p = write(tmp_path, {"model": {"channels": [4, 8, 16]}, "optim": {"lr": "1e-3"}})
+    cfg = load_config(Cfg, p, ["optim.lr=2e-4", "model.norm=instance", "amp=true", "phases=[x,y,z]"])
+    assert cfg.model.channels == (4, 8, 16)
+    assert cfg.model.latent == 4
+    assert cfg.optim.lr == pytest.approx(2e-4)  # "2e-4" parsed by YAML as str, coerced to float
+    assert cfg.optim.betas == (0.5, 0.999)
+    assert cfg.model.norm == "instance" and cfg.amp is True and cfg.phases == ["x", "y", "z"]
+
+
+def test_yaml_string_exponent_is_coerced(tmp_path):
+    cfg = load_config(Cfg, write(tmp_path, {"optim": {"lr": "1e-3"}}))
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-3
+
+
+def test_unknown_key_names_key_file_and_valid_keys(tmp_path):
+    p = write(tmp_path, {"model": {"chanels": [4]}})
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, p)
+    msg = str(err.value)
+    assert str(p) in msg and "model.chanels" in msg and "did you mean 'channels'" in msg
+    assert "latent" in msg  # lists the valid keys
+
+
+def test_unknown_override_key():
+    with pytest.raises(ConfigError, match="unknown key 'optim.learning_rate'"):
+        load_config(Cfg, None, ["optim.learning_rate=1"])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("model.latent=abc", "expects an integer"),
+        ("model.latent=1.5", "expects an integer"),
+        ("model.norm=batch", "must be one of ['group', 'instance']"),
+        ("optim.betas=[0.1]", "list of 2 values"),
+        ("amp=maybe", "true/false"),
+        ("optim.lr=-1", "'lr' must be > 0"),
+        ("model=3", "mapping"),
+    ],
+)
+def test_bad_values_are_reported(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, None, [override])
+    assert fragment in str(err.value)
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_overrides(["novalue"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(Cfg, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n- at top\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(Cfg, bad)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(Cfg, None, ["model.weights=/x/w.pth", "model.channels=[2,4]"])
+    path = save_config(cfg, tmp_path / "out" / "config.yaml")
+    again = load_config(Cfg, path)
+    assert again == cfg
+    assert config_to_dict(again)["model"]["weights"] == "/x/w.pth"
+    assert config_from_dict(Cfg, config_to_dict(cfg)) == cfg
+
+
+def test_parse_overrides_nesting():
+    assert parse_overrides(["a.b.c=1", "a.d=[1, 2]", "e=x"]) == {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": "x"}
