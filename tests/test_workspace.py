@@ -1,0 +1,56 @@
+"""Every method package has the shared shape, imports, and answers ``--help`` with the contract verbs."""
+
+import importlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from workspace import discover_packages  # noqa: E402
+
+EXPECTED = {"fda-vae": "fda_vae", "drdm": "drdm", "mgdcr": "mgdcr", "uni-coal": "uni_coal",
+            "meddiffusion3d": "meddiffusion3d"}
+CONTRACT_VERBS = ["train", "evaluate", "demo", "summary", "convert-official"]
+METHOD_VERBS = {"fda-vae": ["synthesize", "prepare"], "drdm": ["augment"], "mgdcr": ["reconstruct"],
+                "uni-coal": ["synthesize", "prepare"],
+                "meddiffusion3d": ["train-ae", "encode", "decode", "generate", "train-controlnet", "restore"]}
+PACKAGES = discover_packages()
+
+
+def test_discovers_the_five_packages():
+    assert {p.name: p.import_name for p in PACKAGES} == EXPECTED
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_package_layout(pkg):
+    for rel in ("pyproject.toml", "README.md", "configs", f"src/{pkg.import_name}/__init__.py",
+                f"src/{pkg.import_name}/cli.py", "tests"):
+        assert (pkg.path / rel).exists(), f"{pkg.name} lacks {rel}"
+    meta = tomllib.loads((pkg.path / "pyproject.toml").read_text())
+    assert meta["project"]["version"] == "0.1.0"
+    assert "medsynth-core" in meta["project"]["dependencies"]
+    assert meta["tool"]["uv"]["sources"]["medsynth-core"] == {"workspace": True}
+    assert meta["project"]["scripts"] == {pkg.name: f"{pkg.import_name}.cli:main"}
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_imports_and_help(pkg):
+    module = importlib.import_module(pkg.import_name)
+    assert module.__version__ == "0.1.0"
+    proc = subprocess.run([sys.executable, "-m", f"{pkg.import_name}.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for verb in CONTRACT_VERBS + METHOD_VERBS[pkg.name]:
+        assert verb in proc.stdout, f"{pkg.name} --help does not list '{verb}'"
+    script = Path(sys.executable).parent / pkg.name
+    assert script.exists(), f"console script {pkg.name} is not installed in the environment"
+
+
+def test_core_imports_every_module():
+    for mod in ("atomic", "bench", "checkpoint", "cli", "config", "distributed", "io", "metrics",
+                "phantoms", "training", "viz"):
+        importlib.import_module(f"medsynth_core.{mod}")

@@ -1,0 +1,53 @@
+"""Run the ``demo`` verb of every method package (or those named with ``--package``).
+
+Each demo trains its demo config briefly on the embedded phantom data, checkpoints, resumes once,
+infers and evaluates, writing ``runs/demo/<package>/{figure.png, metrics.json}``.
+
+    uv run tools/demo.py                    # all packages
+    uv run tools/demo.py --package drdm     # one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workspace import ROOT, select  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--package", action="append", help="package to run (repeatable); default: all")
+    ap.add_argument("--out", default=str(ROOT / "runs" / "demo"), help="output root (default: runs/demo)")
+    args = ap.parse_args(argv)
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    results = {}
+    for pkg in select(args.package):
+        out = Path(args.out) / pkg.name
+        print(f"== {pkg.name}: demo -> {out}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.call([sys.executable, "-m", f"{pkg.import_name}.cli", "demo", "--out", str(out)], env=env)
+        seconds = time.perf_counter() - t0
+        missing = [f for f in ("figure.png", "metrics.json") if not (out / f).is_file()]
+        ok = rc == 0 and not missing
+        results[pkg.name] = {"ok": ok, "exit_code": rc, "seconds": round(seconds, 1), "out": str(out)}
+        if rc == 0 and missing:
+            print(f"   {pkg.name}: demo exited 0 but did not write {missing}", flush=True)
+    print("\nsummary:")
+    for name, r in results.items():
+        status = "ok" if r["ok"] else f"FAILED (exit {r['exit_code']})"
+        print(f"  {name:16s} {status:22s} {r['seconds']:7.1f} s  {r['out']}")
+    print(json.dumps(results, indent=1) if os.environ.get("DEMO_JSON") else "", end="")
+    return 0 if all(r["ok"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
