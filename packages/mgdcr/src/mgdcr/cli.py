@@ -1,24 +1,371 @@
-"""Command line: ``mgdcr VERB``. The verbs are filled in by the package's issue (#5)."""
+"""Command line: ``mgdcr VERB`` (train, encode, reconstruct, evaluate, demo, summary, convert-official)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from medsynth_core.cli import Verb, demo_arguments, not_implemented, run_cli
+from medsynth_core.cli import (
+    UserError,
+    Verb,
+    add_config_arguments,
+    add_train_arguments,
+    demo_arguments,
+    run_cli,
+)
 
 PROG = "mgdcr"
-ISSUE = "#5"
-DESCRIPTION = "Multi-view-guided diffusion for cardiac volume reconstruction (DiffAE prior + LAX-guided inverse optimisation)"
+DESCRIPTION = (
+    "Multi-view-guided diffusion for cardiac volume reconstruction "
+    "(DiffAE prior + LAX-guided inverse optimisation)"
+)
+
+
+def _load_cfg(args: argparse.Namespace):
+    from medsynth_core.config import load_config
+
+    from .config import Config
+
+    return load_config(Config, args.config, args.overrides)
+
+
+# ------------------------------------------------------------------------------------------------ train
+def _train(args: argparse.Namespace) -> int:
+    from .train import train, train_latent
+
+    cfg = _load_cfg(args)
+    run = (train_latent if cfg.latent.enabled else train)(cfg, resume=args.resume)
+    print(f"run directory: {run}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ encode
+def _add_encode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="mgdcr checkpoint (EMA weights are used)")
+    p.add_argument("--input", required=True, help="3D (Z,H,W) or 4D cine SAX NIfTI")
+    p.add_argument("--frame", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30, help="DDIM steps of the stochastic encoding (ddimN)")
+    p.add_argument("--out", required=True, help="output .pt with x_T (n,1,H,W) and z_sem (n,Z)")
+    p.add_argument("--device", default="auto")
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import torch
+
+    from medsynth_core.distributed import resolve_device
+
+    from .data import load_cine
+    from .diffusion import GaussianDiffusion
+    from .infer import DiffAEPrior, percentile_normalise
+    from .train import load_prior
+
+    dev = resolve_device(args.device)
+    model, cfg = load_prior(args.checkpoint, dev)
+    arr, _ = load_cine(args.input)
+    _check_frame(args.input, arr, args.frame)
+    x = percentile_normalise(arr, cfg.data.percentile)[args.frame]
+    _check_size(args.input, x, cfg.model.image_size)
+    d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+    prior = DiffAEPrior(model, d, args.steps, args.steps, flip_h=cfg.inverse.flip_h)
+    xt, z = prior.encode(torch.as_tensor(x, dtype=torch.float32, device=dev))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"x_T": xt.cpu(), "z_sem": z.cpu(), "steps": args.steps}, args.out)
+    print(f"wrote {args.out}: x_T {tuple(xt.shape)}, z_sem {tuple(z.shape)}")
+    return 0
+
+
+def _check_frame(path, arr, frame) -> None:
+    if not 0 <= frame < arr.shape[0]:
+        raise UserError(f"{path}: frame {frame} out of range (the file has {arr.shape[0]} frames)")
+
+
+def _check_size(path, x, size) -> None:
+    if x.shape[-2:] != (size, size):
+        raise UserError(
+            f"{path}: slices are {x.shape[-2]}x{x.shape[-1]} but the model expects {size}x{size}; "
+            "crop/resample around the heart first"
+        )
+
+
+# ------------------------------------------------------------------------------------------------ reconstruct
+def _add_reconstruct(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="mgdcr checkpoint (EMA weights are used)")
+    p.add_argument("--sax", required=True, help="4D (or 3D) SAX cine NIfTI")
+    p.add_argument("--lax", nargs="*", default=[], help="LAX NIfTIs (2ch/3ch/4ch; 2D, (i,j,1) or (i,j,1,T))")
+    p.add_argument("--lax-volume", default=None, help="fork data: LAX intensities on the dense grid (D,H,W)")
+    p.add_argument("--lax-mask", default=None, help="fork data: plane/ROI mask on the dense grid (D,H,W)")
+    p.add_argument("--frame", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="inverse.* overrides, e.g. inverse.K=8")
+
+
+def _read_lax(path: str, frame: int, n4: bool = False):
+    import numpy as np
+
+    from medsynth_core.io import read_image
+
+    from .geometry import LaxPlane
+    from .infer import percentile_normalise
+
+    img = read_image(path, dtype=np.float64, expect_ndim=(2, 3, 4))
+    arr = img.to_dhw()  # (j,i) | (k,j,i) | (t,k,j,i)
+    if arr.ndim == 4:
+        _check_frame(path, arr, frame)
+        arr = arr[frame]
+    if arr.ndim == 3:
+        if arr.shape[0] != 1:
+            raise UserError(f"{path}: a LAX file must be a single plane (got {arr.shape[0]} slices)")
+        arr = arr[0]
+    aff = np.eye(4)
+    ijk = img.affine
+    aff[:3, 0], aff[:3, 1] = ijk[:3, 1], ijk[:3, 0]  # (r, c) = (j, i)
+    normal = np.cross(ijk[:3, 1], ijk[:3, 0])
+    aff[:3, 2] = normal / np.linalg.norm(normal) * np.linalg.norm(ijk[:3, 0])
+    aff[:3, 3] = ijk[:3, 3]
+    if n4:
+        from .infer import n4_correct
+
+        arr = n4_correct(arr[None])[0]
+    # spec §3.3: LAX (after N4 when data.n4) clipped at its 99th percentile to [0, 1]
+    return LaxPlane(percentile_normalise(arr, 99.0), aff, Path(path).name)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts, parse_overrides
+    from medsynth_core.distributed import resolve_device
+    from medsynth_core.io import MedicalImage, read_image, write_image
+
+    from .config import Config
+    from .data import load_cine
+    from .diffusion import GaussianDiffusion
+    from .geometry import dhw_to_ijk_affine
+    from .infer import DiffAEPrior, n4_correct, output_affine, percentile_normalise, reconstruct, save_panel
+    from .train import load_prior
+
+    dev = resolve_device(args.device)
+    model, cfg = load_prior(args.checkpoint, dev)
+    cfg = config_from_dict(
+        Config, merge_dicts(config_to_dict(cfg), parse_overrides(args.overrides)), "overrides"
+    )
+    ic = cfg.inverse
+    arr, aff = load_cine(args.sax)
+    _check_frame(args.sax, arr, args.frame)
+    if cfg.data.n4:
+        arr = np.stack([n4_correct(f) for f in arr])
+    x = percentile_normalise(arr, cfg.data.percentile)[args.frame]
+    _check_size(args.sax, x, cfg.model.image_size)
+    kept = [i for i in range(x.shape[0]) if np.any(x[i])]  # drop all-zero slices (spec §2)
+    if len(kept) < 2:
+        raise UserError(f"{args.sax}: fewer than two non-empty slices in frame {args.frame}")
+    if ic.geometry_from_kept_slices and kept != list(range(kept[0], kept[-1] + 1)):
+        raise UserError(
+            f"{args.sax}: empty slices inside the stack ({kept}); cannot build a regular dense grid"
+        )
+    sax_aff = aff.copy()
+    sax_aff[:3, 3] = aff[:3, 3] + kept[0] * aff[:3, 0]
+    planes = [_read_lax(p, args.frame, cfg.data.n4) for p in args.lax]
+    targets = None
+    if args.lax_volume or args.lax_mask:
+        if not (args.lax_volume and args.lax_mask):
+            raise UserError("--lax-volume and --lax-mask must be given together")
+        g = read_image(args.lax_volume, dtype=np.float64).to_dhw()
+        m = read_image(args.lax_mask, dtype=np.float64).to_dhw()
+        D = ic.K * (len(kept) - 1) + 1
+        for name, a in ((args.lax_volume, g), (args.lax_mask, m)):
+            if a.shape != (D, *x.shape[1:]):
+                raise UserError(
+                    f"{name}: shape {a.shape} does not match the dense grid {(D, *x.shape[1:])} "
+                    f"(D = K(n-1)+1 with K={ic.K}, n={len(kept)} kept slices)"
+                )
+        targets = (percentile_normalise(g, 99.0), (m > 0).astype(np.float64))
+    if not planes and targets is None:
+        raise UserError("give LAX views (--lax ...) or fork-style --lax-volume/--lax-mask")
+    d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+    prior = DiffAEPrior(model, d, ic.encode_steps, ic.decode_steps, ic.checkpoint, ic.flip_h)
+    torch.manual_seed(cfg.seed)
+    res = reconstruct(prior, x[kept], sax_aff, planes, ic, targets=targets)
+    out_aff = output_affine(aff, kept, x.shape[0], ic.K, ic.geometry_from_kept_slices)
+    out = Path(args.out)
+    stem = Path(args.sax).name.split(".")[0]
+    D = res.volume.shape[0]
+    path = out / f"{stem}_frame_{args.frame}_final_{D}slice.nii.gz"
+    write_image(MedicalImage.from_dhw(res.volume.astype(np.float32), dhw_to_ijk_affine(out_aff)), path)
+    write_image(
+        MedicalImage.from_dhw(res.seeds.astype(np.float32), dhw_to_ijk_affine(out_aff)),
+        out / f"{stem}_frame_{args.frame}_seeds_{D}slice.nii.gz",
+    )
+    save_panel(out / f"{stem}_frame_{args.frame}_panel.png", x[kept], planes, res.volume, res.seeds)
+    (out / f"{stem}_frame_{args.frame}_history.json").write_text(json.dumps(res.history, indent=1))
+    print(f"wrote {path} ({res.iterations} iterations)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ evaluate
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pred", nargs="+", required=True, help="reconstructed dense volume(s) (NIfTI)")
+    p.add_argument("--gt", required=True, help="dense ground-truth volume (NIfTI, same grid)")
+    p.add_argument("--K", type=int, required=True, help="dense slices per acquired gap (held-out = not k·K)")
+    p.add_argument(
+        "--pred-labels", nargs="*", default=None, help="segmentations of the predictions (LV1/MYO2/RV3)"
+    )
+    p.add_argument("--gt-labels", default=None, help="ground-truth segmentation")
+    p.add_argument(
+        "--lpips-weights",
+        default=None,
+        help="local torchvision AlexNet weights (alexnet-owt-7be5be79.pth) to add LPIPS; never downloads",
+    )
+    p.add_argument("--out", required=True, help="output JSON (a CSV is written beside it)")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from medsynth_core.io import read_image
+
+    from .evaluate import compare_methods, seg_metrics
+
+    gt_img = read_image(args.gt, dtype=np.float64, expect_ndim=3)
+    gt = gt_img.to_dhw()
+    spacing = gt_img.spacing[::-1]
+    preds = {}
+    for p in args.pred:
+        v = read_image(p, dtype=np.float64, expect_ndim=3).to_dhw()
+        if v.shape != gt.shape:
+            raise UserError(f"{p}: shape {v.shape} != ground truth {gt.shape} ({args.gt})")
+        preds[Path(p).name] = v
+    lp = None
+    if args.lpips_weights:
+        from medsynth_core.metrics import LPIPS
+
+        lp = LPIPS("alex", backbone_weights=args.lpips_weights)
+    res = compare_methods(gt, preds, args.K, spacing=spacing, lpips=lp)
+    if args.pred_labels and args.gt_labels:
+        gl = read_image(args.gt_labels, dtype=np.int64).to_dhw()
+        for p, lab in zip(args.pred, args.pred_labels):
+            res[Path(p).name].update(seg_metrics(read_image(lab, dtype=np.int64).to_dhw(), gl, spacing))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    keys = sorted({k for r in res.values() for k in r})
+    lines = ["case," + ",".join(keys)] + [
+        n + "," + ",".join(str(r.get(k, "")) for k in keys) for n, r in res.items()
+    ]
+    out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ demo / summary
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    s = run_demo(args.out)
+    print(json.dumps(s, indent=2))
+    return 0
+
+
+def summarise(cfg) -> dict:
+    import torch
+
+    from medsynth_core.training import count_parameters
+
+    from .model import DiffAE
+
+    with torch.device("meta"):
+        m = DiffAE(cfg.model)
+    s = cfg.model.image_size
+    return {
+        "DiffAE": count_parameters(m),
+        "SemanticEncoder": count_parameters(m.encoder),
+        "ConditionalUNet": count_parameters(m.unet),
+        "shapes": {
+            "encoder_in": [1, cfg.model.in_channels, s, s],
+            "z_sem": [1, cfg.model.z_channels],
+            "unet_in": [1, cfg.model.in_channels, s, s],
+            "t": [1],
+            "unet_out": [1, cfg.model.out_channels, s, s],
+        },
+    }
+
+
+def _summary(args: argparse.Namespace) -> int:
+    print(json.dumps(summarise(_load_cfg(args)), indent=2))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def _add_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="official Lightning .ckpt (model./ema_model. prefixes) or a raw state dict")
+    p.add_argument("dst", help="output medsynth checkpoint (.pt)")
+    p.add_argument(
+        "--constructor",
+        default=None,
+        help="JSON file with the official BeatGANsAutoencConfig arguments (when the .ckpt lacks them)",
+    )
+    p.add_argument("--config", default=None, help="or: an mgdcr YAML config whose model section matches")
+    p.add_argument(
+        "--prefix", default=None, help="state-dict prefix to use (default ema_model. when present)"
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_official
+
+    constructor = None
+    if args.constructor:
+        constructor = json.loads(Path(args.constructor).read_text())
+    elif args.config:
+        from medsynth_core.config import load_config
+
+        from .config import Config
+
+        constructor = load_config(Config, args.config).model
+    res = convert_official(args.src, args.dst, constructor, args.prefix)
+    print(f"wrote {res['dst']} ({res['n_keys']} tensors)")
+    print(f"unmapped keys ({len(res['unmapped'])}): {res['unmapped'][:20]}")
+    return 0
+
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", not_implemented(PROG, ISSUE)),
-    Verb("encode", "encode SAX slices to (x_T, z_sem)", not_implemented(PROG, ISSUE)),
-    Verb("reconstruct", "reconstruct a dense 3D cardiac volume from sparse SAX slices and LAX views", not_implemented(PROG, ISSUE)),
-    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", not_implemented(PROG, ISSUE)),
-    Verb("demo", "train briefly on the embedded phantom, resume once, infer, evaluate", not_implemented(PROG, ISSUE), demo_arguments(PROG)),
-    Verb("summary", "print parameter counts and shapes of every network in a config", not_implemented(PROG, ISSUE)),
-    Verb("convert-official", "convert an official checkpoint to this package's format", not_implemented(PROG, ISSUE)),
+    Verb("train", "train the DiffAE prior (single process or under torchrun)", _train, add_train_arguments),
+    Verb("encode", "encode SAX slices to (x_T, z_sem)", _encode, _add_encode),
+    Verb(
+        "reconstruct",
+        "reconstruct a dense 3D cardiac volume from sparse SAX slices and LAX views",
+        _reconstruct,
+        _add_reconstruct,
+    ),
+    Verb(
+        "evaluate",
+        "PSNR/SSIM/RMSE on held-out and acquired slices, Dice/HD95; JSON + CSV",
+        _evaluate,
+        _add_evaluate,
+    ),
+    Verb(
+        "demo",
+        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        _demo,
+        demo_arguments(PROG),
+    ),
+    Verb(
+        "summary",
+        "print parameter counts and shapes of every network in a config",
+        _summary,
+        lambda p: add_config_arguments(p),
+    ),
+    Verb(
+        "convert-official",
+        "convert an official DiffAE/cine-SR checkpoint to this package's format",
+        _convert,
+        _add_convert,
+    ),
 ]
 
 

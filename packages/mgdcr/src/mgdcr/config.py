@@ -1,0 +1,139 @@
+"""Typed configuration (loaded with ``medsynth_core.config.load_config``; unknown keys are errors)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from medsynth_core.config import require
+
+from .model import ModelConfig
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000  # spec §1.2
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    eval_steps: int = 20  # T_eval for in-training previews (ddim20)
+
+    def __post_init__(self) -> None:
+        require(self.T >= 2, "diffusion.T", "must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    source: Literal["phantom", "nifti"] = "phantom"
+    root: str = ""  # folder of 4D SAX cine NIfTIs (T x Z x H x W in SimpleITK order) when source = nifti
+    pattern: str = "*.nii.gz"
+    max_files: int = 30000  # fork caps the file list at 30,000 (spec §2)
+    percentile: float = 98.0  # clip to [0, p98 of the whole 4D array] → [-1, 1] (spec §2)
+    include_zeros_in_percentile: bool = True  # fork: p98 over the whole array including background
+    drop_empty_slices: bool = False  # fork trains on all-zero slices too (spec §5 fix: option)
+    n4: bool = False  # N4 bias-field correction (SimpleITK) before normalising
+    val_fraction: float = 0.1  # subject-level split (fork: val = train, spec §5)
+    # phantom source (spec §8)
+    phantom_subjects: int = 4
+    phantom_frames: int = 4
+    phantom_slices: int = 8
+
+    def __post_init__(self) -> None:
+        require(0 < self.percentile <= 100, "data.percentile", "must be in (0, 100]")
+        require(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 25  # per GPU; 4 x 25 = 100 global (spec §1.3)
+    lr: float = 1e-4  # Adam, weight decay 0, no warm-up
+    ema_decay: float = 0.9999  # every step, all weights and buffers
+    grad_clip: float = 1.0  # global norm
+    steps: int = 756789  # released ckpt step (fork's total_samples is ignored, spec §1.3)
+    ckpt_every: int = 10000
+    sample_every: int = 10000  # PNG previews (reconstructions + random samples, ddim20)
+    log_every: int = 100
+    keep_last: int = 3
+    fp16: bool = False  # fork's "16-mixed" runs the maths in fp32 (autocast off in training_step)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        require(self.lr > 0, "train.lr", "must be > 0")
+        require(0 <= self.ema_decay <= 1, "train.ema_decay", "must be in [0, 1]")
+        require(self.steps >= 1, "train.steps", "must be >= 1")
+
+
+@dataclass
+class InverseConfig:
+    """Inverse optimisation (spec §3); fork bugs are fixed by default behind the named flags."""
+
+    K: int = 8  # dense slices per SAX gap (D = K(n-1)+1)
+    encode_steps: int = 30  # DDIM steps for stochastic encoding (ddim30)
+    decode_steps: int = 30  # DDIM steps for the differentiable decoder
+    iterations: int = 200
+    lr: float = 2e-3
+    lr_step: int = 50  # StepLR step, stepped every iteration
+    lr_gamma: float = 0.5
+    lambda_lax: float = 5.0
+    lambda_lat: float = 0.02
+    lambda_smooth: float = 5.0
+    lambda_sax: float = 0.0  # optional SAX-fidelity term (not in the fork; spec §9 q4)
+    pullback: float = 1e-3  # v ← (1−α)v + α v0 after each step
+    early_stop_tol: float = 1e-5
+    early_stop_patience: int = 5
+    checkpoint: bool = False  # gradient checkpointing of each UNet call in the decoder
+    interp_positions: Literal["grid", "fork"] = "grid"  # fork: 0, 0, 1/7..6/7 (bug, spec §3.2)
+    lax_space: Literal["volume", "plane"] = "volume"  # fork: volume-space targets on the dense grid
+    half_thickness: float | None = None  # mm; default dense z-spacing / 2 (spec §9 q1)
+    mask_target: bool = True  # fix: mask both sides (fork leaves G unmasked)
+    mask_eps: float = 1e-8  # fix: ε-guard for empty masks (0 reproduces the fork's NaN)
+    harmonise: bool = True  # moment-match LAX targets to the linear SAX volume inside the ROI (fork)
+    geometry_from_kept_slices: bool = True  # fix: spacing/origin from kept slices (fork uses Z_orig)
+    flip_h: bool = True  # flip the H axis to the UKB orientation (fork) and back on output
+    freeze_ends: bool = False  # ex10 freezes the two end slices
+
+    def __post_init__(self) -> None:
+        require(self.K >= 1, "inverse.K", "must be >= 1")
+        require(self.iterations >= 0, "inverse.iterations", "must be >= 0")
+
+
+@dataclass
+class LatentConfig:
+    """Optional latent DDIM on z_sem (spec §1.4, ``ffhq128_autoenc_latent``); off by default. With
+    ``enabled`` the ``train`` verb trains it on the z_sem of the frozen EMA prior in ``prior``."""
+
+    enabled: bool = False
+    prior: str = ""  # mgdcr checkpoint of the trained image prior
+    num_layers: int = 10
+    hidden: int = 2048
+    time_channels: int = 64
+    condition_bias: float = 1.0
+    dropout: float = 0.0
+    beta: float = 0.008  # constant β, T = 1000
+    loss: Literal["l1", "l2"] = "l1"
+    znormalize: bool = True  # z-normalise z_sem with dataset statistics
+    eval_steps: int = 20
+    batch_size: int = 256
+    lr: float = 1e-4  # AdamW
+    weight_decay: float = 0.01
+    steps: int = 394531  # 101 M samples at batch 256
+    ema_decay: float = 0.9999
+    ckpt_every: int = 10000
+
+    def __post_init__(self) -> None:
+        require(self.num_layers >= 2, "latent.num_layers", "must be >= 2")
+        require(self.beta > 0, "latent.beta", "must be > 0")
+
+
+@dataclass
+class Config:
+    name: str = "paper"
+    seed: int = 0
+    device: str = "auto"
+    run_root: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    inverse: InverseConfig = field(default_factory=InverseConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)

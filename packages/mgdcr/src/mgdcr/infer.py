@@ -1,0 +1,342 @@
+"""Inverse optimisation (spec §3): encode SAX slices, seed the dense grid, optimise (x_T, z_sem) of every dense
+slice through the differentiable DDIM decoder against LAX consistency + latent pull + through-plane
+smoothness, and write the dense volume."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from .config import InverseConfig
+from .diffusion import GaussianDiffusion
+from .geometry import DenseGrid, LaxPlane, plane_to_grid, sample_plane
+from .losses import latent_loss, lax_volume_loss, smoothness_loss
+from .model import DiffAE
+
+log = logging.getLogger("mgdcr")
+
+
+# --------------------------------------------------------------------------------------------- seeds
+def slerp(a: torch.Tensor, b: torch.Tensor, alpha: float, eps: float = 1e-8) -> torch.Tensor:
+    """Spherical interpolation of flattened vectors; falls back to lerp when θ ≈ 0 (spec §3.2, C2)."""
+    af, bf = a.reshape(-1), b.reshape(-1)
+    cos = torch.dot(af, bf) / (af.norm() * bf.norm() + eps)
+    theta = torch.arccos(cos.clamp(-1.0, 1.0))
+    if float(torch.sin(theta)) < eps:
+        return (1 - alpha) * a + alpha * b
+    s = torch.sin(theta)
+    return (torch.sin((1 - alpha) * theta) / s) * a + (torch.sin(alpha * theta) / s) * b
+
+
+def seed_fractions(K: int, mode: str = "grid") -> list[float]:
+    """Interpolation fractions of the K entries of one gap (the first is the left acquired slice).
+
+    ``grid``: k/K, k = 0…K−1 (correct). ``fork``: 0, 0, 1/(K−1), …, (K−2)/(K−1) (ex8 L55-80 bug: the left
+    slice is repeated and the positions are misaligned with the grid)."""
+    if mode == "grid":
+        return [k / K for k in range(K)]
+    if mode == "fork":
+        return [0.0] + [j / (K - 1) for j in range(K - 1)] if K > 1 else [0.0]
+    raise ValueError(f"interp_positions must be 'grid' or 'fork', got {mode!r}")
+
+
+def make_seeds(
+    xt: torch.Tensor, z: torch.Tensor, K: int, mode: str = "grid"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_T by slerp, z by lerp → ``(D, ...)`` with D = K(n−1)+1 (spec §3.2, C1)."""
+    n = xt.shape[0]
+    fr = seed_fractions(K, mode)
+    xs, zs = [], []
+    for m in range(n - 1):
+        for a in fr:
+            xs.append(xt[m] if a == 0 else slerp(xt[m], xt[m + 1], a))
+            zs.append((1 - a) * z[m] + a * z[m + 1])
+    xs.append(xt[n - 1])
+    zs.append(z[n - 1])
+    return torch.stack(xs), torch.stack(zs)
+
+
+# --------------------------------------------------------------------------------------------- priors
+class Prior(Protocol):
+    def encode(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def decode(self, xt: torch.Tensor, z: torch.Tensor, grad: bool = False) -> torch.Tensor: ...
+
+
+class DiffAEPrior:
+    """Images in [0,1] ``(B,H,W)`` ↔ (x_T, z_sem) through the (EMA) DiffAE; net space is [-1,1], H-flipped
+    when ``flip_h`` (UKB orientation, spec §2)."""
+
+    def __init__(
+        self,
+        model: DiffAE,
+        diffusion: GaussianDiffusion,
+        encode_steps: int,
+        decode_steps: int,
+        checkpoint: bool = False,
+        flip_h: bool = False,
+        chunk: int = 64,
+    ):
+        self.model = model.eval().requires_grad_(False)
+        self.enc = diffusion.sampler(encode_steps)
+        self.dec = diffusion.sampler(decode_steps)
+        self.checkpoint = checkpoint
+        self.flip_h = flip_h
+        self.chunk = chunk
+
+    def to_net(self, x01: torch.Tensor) -> torch.Tensor:
+        x = x01[:, None] * 2 - 1
+        return x.flip(-2) if self.flip_h else x
+
+    def from_net(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flip(-2) if self.flip_h else x
+        return (x[:, 0] + 1) / 2
+
+    @torch.no_grad()
+    def encode(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.to_net(x01)
+        z = self.model.encode(x)
+        return self.enc.encode(self.model.eps_fn(z), x), z
+
+    def decode(self, xt: torch.Tensor, z: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        if grad:
+            return self.from_net(self.dec.decode(self.model.eps_fn(z, self.checkpoint), xt, grad=True))
+        with torch.no_grad():
+            outs = [
+                self.dec.decode(self.model.eps_fn(z[i : i + self.chunk]), xt[i : i + self.chunk])
+                for i in range(0, xt.shape[0], self.chunk)
+            ]
+        return self.from_net(torch.cat(outs))
+
+
+class IdentityPrior:
+    """Model-free plumbing check (E2): the 'latent' is the image itself."""
+
+    def encode(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x01[:, None].clone(), torch.zeros(x01.shape[0], 1, dtype=x01.dtype)
+
+    def decode(self, xt: torch.Tensor, z: torch.Tensor, grad: bool = False) -> torch.Tensor:
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return xt[:, 0] + 0 * z.sum()
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def linear_interp_z(sax: np.ndarray, K: int) -> np.ndarray:
+    """Linear-in-z interpolation of ``(n,H,W)`` onto the dense grid ``(K(n−1)+1,H,W)``."""
+    sax = np.asarray(sax, np.float64)
+    out = [(1 - k / K) * sax[m] + (k / K) * sax[m + 1] for m in range(sax.shape[0] - 1) for k in range(K)]
+    return np.stack(out + [sax[-1]])
+
+
+def nearest_interp_z(sax: np.ndarray, K: int) -> np.ndarray:
+    sax = np.asarray(sax, np.float64)
+    out = [sax[m] if k < K / 2 else sax[m + 1] for m in range(sax.shape[0] - 1) for k in range(K)]
+    return np.stack(out + [sax[-1]])
+
+
+def harmonise(g: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Global moment match inside the ROI R = {M>0}: G[R] ← (G[R]−μ_G)/σ_G·σ_S + μ_S (spec §3.3)."""
+    r = m > 0
+    if r.sum() < 2:
+        return g
+    out = g.copy()
+    sd = g[r].std()
+    out[r] = (g[r] - g[r].mean()) / (sd if sd > 0 else 1.0) * s[r].std() + s[r].mean()
+    return out
+
+
+# --------------------------------------------------------------------------------------------- reconstruct
+@dataclass
+class ReconResult:
+    volume: np.ndarray  # (D,H,W) in [0,1]
+    seeds: np.ndarray  # decoded seeds (pure DiffAE interpolation)
+    affine: np.ndarray  # (4,4) (d,h,w) affine of the dense grid
+    grid: DenseGrid
+    history: list[dict[str, float]] = field(default_factory=list)
+    targets: tuple[np.ndarray, np.ndarray] | None = None
+    iterations: int = 0
+
+
+def reconstruct(
+    prior: Prior,
+    sax: np.ndarray | torch.Tensor,
+    sax_affine: np.ndarray,
+    planes: list[LaxPlane],
+    cfg: InverseConfig,
+    targets: tuple[np.ndarray, np.ndarray] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> ReconResult:
+    """Core inverse optimisation on one frame.
+
+    ``sax``: ``(n,H,W)`` acquired slices in [0,1] (``n >= 2``); ``sax_affine``: (s,h,w) affine; ``planes``: LAX
+    views (used for the targets); ``targets``: precomputed volume-space (G, M) on the dense grid (fork data).
+    """
+    sax_t = torch.as_tensor(np.asarray(sax), dtype=dtype)
+    if sax_t.ndim != 3 or sax_t.shape[0] < 2:
+        raise ValueError(f"SAX stack must be (n>=2, H, W), got shape {tuple(sax_t.shape)}")
+    if not torch.isfinite(sax_t).all():
+        raise ValueError("SAX stack contains NaN/Inf")
+    n, h, w = sax_t.shape
+    grid = DenseGrid(np.asarray(sax_affine, np.float64), n, cfg.K, (h, w))
+    D = grid.D
+    xt_acq, z_acq = prior.encode(sax_t)
+    xt0, z0 = make_seeds(xt_acq, z_acq, cfg.K, cfg.interp_positions)
+    xt0, z0 = xt0.detach(), z0.detach()
+    seeds = prior.decode(xt0, z0, grad=False)
+
+    plane_targets = []
+    if cfg.lax_space == "volume" or targets is not None:
+        if targets is None:
+            ht = cfg.half_thickness if cfg.half_thickness is not None else grid.slice_spacing / 2
+            g, m = plane_to_grid(planes, grid.affine, grid.shape, ht)
+        else:
+            g, m = (np.asarray(a, np.float64) for a in targets)
+            if g.shape != grid.shape or m.shape != grid.shape:
+                raise ValueError(
+                    f"LAX target/mask shapes {g.shape}/{m.shape} do not match the dense grid "
+                    f"{grid.shape} (D = K(n-1)+1 = {D})"
+                )
+        if cfg.harmonise:
+            g = harmonise(g, m, linear_interp_z(sax_t.double().numpy(), cfg.K))
+        g_t, m_t = torch.as_tensor(g, dtype=dtype), torch.as_tensor(m, dtype=dtype)
+    else:
+        g_t = m_t = None
+        for p in planes:
+            y = torch.as_tensor(np.asarray(p.image, np.float64), dtype=dtype)
+            roi = torch.ones_like(y) if p.roi is None else torch.as_tensor(np.asarray(p.roi) > 0, dtype=dtype)
+            plane_targets.append((p, y, roi))
+        g, m = None, None
+
+    xt = xt0.clone().requires_grad_(True)
+    z = z0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([xt, z], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    acq_idx = torch.arange(0, D, cfg.K)
+    best, bad = math.inf, 0
+    history: list[dict[str, float]] = []
+    it = 0
+    for it in range(1, cfg.iterations + 1):
+        x = prior.decode(xt, z, grad=True)
+        if g_t is not None:
+            l_lax = lax_volume_loss(x, g_t, m_t, cfg.mask_target, cfg.mask_eps)
+            l_lax_total = (cfg.lambda_lax * l_lax).sum()
+        else:
+            l_lax = torch.zeros((), dtype=dtype)
+            for p, y, roi in plane_targets:
+                ax, mk = sample_plane(x, grid.affine, p.affine, y.shape)
+                mk = mk.to(dtype) * roi
+                l_lax = l_lax + (mk * (ax - y) ** 2).sum() / (mk.sum() + cfg.mask_eps)
+            l_lax_total = cfg.lambda_lax * l_lax
+        l_lat = latent_loss(xt, z, xt0, z0)
+        l_s = smoothness_loss(x)
+        loss = l_lax_total + (cfg.lambda_lat * l_lat + cfg.lambda_smooth * l_s).sum()
+        if cfg.lambda_sax > 0:
+            loss = loss + cfg.lambda_sax * ((x[acq_idx] - sax_t) ** 2).mean()
+        mean_loss = float(loss.detach()) / D
+        history.append(
+            {
+                "iter": it,
+                "loss": mean_loss,
+                "lax": float(l_lax.detach().sum()),
+                "lat": float(l_lat.detach().sum()),
+                "smooth": float(l_s.detach().sum()),
+            }
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.freeze_ends:
+            for v in (xt, z):
+                v.grad[[0, -1]] = 0
+        opt.step()
+        sched.step()
+        with torch.no_grad():  # pull back towards the seeds (spec §3.7)
+            xt.lerp_(xt0, cfg.pullback)  # = (1−α)v + α v0, exact when v = v0
+            z.lerp_(z0, cfg.pullback)
+            if cfg.freeze_ends:
+                xt[[0, -1]] = xt0[[0, -1]]
+                z[[0, -1]] = z0[[0, -1]]
+        # early stop on the pre-update per-slice loss (spec §3.7)
+        if best - mean_loss > cfg.early_stop_tol:
+            best, bad = mean_loss, 0
+        else:
+            bad += 1
+            if bad >= cfg.early_stop_patience:
+                log.info("early stop at iteration %d (loss %.6g)", it, mean_loss)
+                break
+    volume = prior.decode(xt.detach(), z.detach(), grad=False)
+    return ReconResult(
+        volume=volume.double().numpy().clip(0, 1),
+        seeds=seeds.double().numpy().clip(0, 1),
+        affine=grid.affine,
+        grid=grid,
+        history=history,
+        targets=(g, m) if g is not None else None,
+        iterations=it if cfg.iterations else 0,
+    )
+
+
+# --------------------------------------------------------------------------------------------- files
+def output_affine(
+    sax_affine_dhw: np.ndarray, kept: list[int], n_orig: int, K: int, from_kept: bool = True
+) -> np.ndarray:
+    """Dense-volume (d,h,w) affine. ``from_kept`` (fix): origin at the first kept slice, z-spacing s_z/K.
+    Fork (ex8 L436-442): original origin and spacing s_z·(Z_orig−1)/(D−1)."""
+    a = np.asarray(sax_affine_dhw, np.float64).copy()
+    D = K * (len(kept) - 1) + 1
+    if from_kept:
+        a[:3, 3] = a[:3, 3] + kept[0] * a[:3, 0]
+        a[:3, 0] = a[:3, 0] / K
+    else:
+        a[:3, 0] = a[:3, 0] * (n_orig - 1) / (D - 1)
+    return a
+
+
+def percentile_normalise(x: np.ndarray, q: float, include_zeros: bool = True) -> np.ndarray:
+    """Clip to [0, p_q] and divide by p_q (spec §2: p98 of the whole array, zeros included by default)."""
+    vals = x if include_zeros else x[x > 0]
+    p = float(np.nanpercentile(vals, q)) if vals.size else 0.0
+    if p <= 0:
+        return np.zeros_like(x, dtype=np.float64)
+    return np.clip(np.asarray(x, np.float64), 0, p) / p
+
+
+def n4_correct(x: np.ndarray) -> np.ndarray:
+    """N4 bias-field correction with SimpleITK (spec §2/§3.3; the fork used ANTs)."""
+    import SimpleITK as sitk
+
+    arr = np.asarray(x, np.float32)
+    squeeze = arr.ndim == 3 and arr.shape[0] == 1  # a single plane: correct it as a 2D image
+    img = sitk.GetImageFromArray(arr[0] if squeeze else arr)
+    mask = sitk.OtsuThreshold(img, 0, 1, 200)
+    out = sitk.GetArrayFromImage(sitk.N4BiasFieldCorrectionImageFilter().Execute(img, mask)).astype(
+        np.float64
+    )
+    return out[None] if squeeze else out
+
+
+def save_panel(
+    path: str | Path,
+    sax: np.ndarray,
+    planes: list[LaxPlane],
+    volume: np.ndarray,
+    seeds: np.ndarray | None = None,
+) -> Path:
+    """PNG panel: SAX input slices, LAX views, orthogonal views of the reconstruction (and seeds)."""
+    from medsynth_core.viz import orthogonal_views, save_grid
+
+    rows: list[list[Any]] = [list(np.asarray(sax)[: min(6, len(sax))])]
+    titles: list[list[str]] = [[f"SAX {i}" for i in range(len(rows[0]))]]
+    if planes:
+        rows.append([np.asarray(p.image) for p in planes])
+        titles.append([p.name for p in planes])
+    for name, vol in (("recon", volume), ("seeds", seeds)):
+        if vol is not None:
+            rows.append(list(orthogonal_views(np.asarray(vol))))
+            titles.append([f"{name} axial", f"{name} coronal", f"{name} sagittal"])
+    return save_grid(path, rows, titles=titles, value_range=(0.0, 1.0), scale=3)

@@ -1,0 +1,284 @@
+"""DiffAE prior training (spec §1.3): ε-MSE, Adam (wd 0, no warm-up), global-norm clip, EMA every step,
+single process or torchrun/DDP, exact resume through core's CheckpointManager."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from medsynth_core import checkpoint as C
+from medsynth_core import distributed as D
+from medsynth_core import training as T
+from medsynth_core.config import config_to_dict, save_config
+
+from .config import Config
+from .data import build_datasets
+from .diffusion import GaussianDiffusion
+from .model import DiffAE
+
+log = logging.getLogger("mgdcr")
+KIND = "mgdcr"
+
+
+def load_prior(
+    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[DiffAE, Config]:
+    """Model (EMA weights by default, spec §1.2) and its config from a medsynth checkpoint."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=KIND)
+    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
+    model = DiffAE(cfg.model)
+    emas = ckpt.get("emas") or {}
+    if use_ema and "ema" in emas:
+        C.load_module_state(model, emas["ema"]["module"], source=f"{path} [ema]")
+    else:
+        C.load_module_state(model, ckpt["models"]["model"], source=f"{path} [model]")
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def save_samples(
+    path: Path, model: DiffAE, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int, seed: int
+) -> None:
+    """Originals, reconstructions with inferred x_T, and samples with random x_T and the same z_sem."""
+    from medsynth_core.viz import save_grid
+
+    s = diffusion.sampler(steps)
+    z = model.encode(x)
+    rec = s.decode(model.eps_fn(z), s.encode(model.eps_fn(z), x))
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rnd = s.decode(model.eps_fn(z), torch.randn(x.shape, generator=g).to(x))
+    rows = [list(x[:, 0].cpu()), list(rec[:, 0].cpu()), list(rnd[:, 0].cpu())]
+    save_grid(path, rows, value_range=(-1.0, 1.0), row_titles=["input", "recon x_T", "random x_T"])
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Run (or continue) training; returns the run directory."""
+    with D.distributed_session(cfg.device) as info:
+        D.seed_everything(cfg.seed)
+        run = T.RunDir.create(cfg.run_root, KIND, cfg.name)
+        if info.is_main:
+            save_config(cfg, run.config)
+        train_ds, val_ds = build_datasets(cfg)
+        model = DiffAE(cfg.model).to(info.device)
+        ema = T.EMA(model, cfg.train.ema_decay)
+        net = D.wrap_ddp(model, info)
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
+        scaler = T.grad_scaler(info.device, enabled=cfg.train.fp16)  # a no-op on CPU / when fp16 is off
+        diffusion = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
+        step = 0
+        src = Path(resume) if resume else mgr.latest()
+        if src is not None:
+            step, _ = C.restore_checkpoint(
+                C.load_checkpoint(src, kind=KIND),
+                models={"model": model},
+                optimizers={"opt": opt},
+                emas={"ema": ema},
+                scaler=scaler,
+                source=str(src),
+            )
+            log.info("resumed from %s at step %d", src, step)
+        loader = T.ResumableLoader(
+            train_ds, cfg.train.batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers
+        )
+        preview = val_ds if val_ds is not None and len(val_ds) else train_ds
+        preview_x = torch.stack([preview[i] for i in range(min(6, len(preview)))]).to(info.device)
+
+        def save(step_done: int) -> None:
+            if info.is_main:
+                mgr.save(
+                    C.build_checkpoint(
+                        kind=KIND,
+                        step=step_done,
+                        models={"model": model},
+                        optimizers={"opt": opt},
+                        emas={"ema": ema},
+                        scaler=scaler,
+                        config=config_to_dict(cfg),
+                    )
+                )
+
+        last_saved = done = step
+        with T.RunLogger(run) as logger:
+            model.train()
+            for s, x in T.progress(
+                loader.iterate(step, cfg.train.steps), total=cfg.train.steps, initial=step, desc="mgdcr train"
+            ):
+                x = x.to(info.device)
+                if not torch.isfinite(x).all():
+                    raise ValueError(f"non-finite training batch at step {s}")
+                t = torch.randint(0, diffusion.T, (x.shape[0],), device=info.device)
+                noise = torch.randn_like(x)
+                with T.autocast(info.device, enabled=cfg.train.fp16):
+                    loss = diffusion.loss(net, x, t, noise)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)
+                gnorm = T.clip_gradients(model.parameters(), cfg.train.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                ema.update(model)
+                done = s + 1
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    stats = D.all_reduce_dict({"loss": float(loss.detach()), "grad_norm": gnorm})
+                    logger.log(done, stats)
+                if info.is_main and cfg.train.sample_every > 0 and done % cfg.train.sample_every == 0:
+                    save_samples(
+                        run.images / f"samples_{done:08d}.png",
+                        ema.module,
+                        diffusion,
+                        preview_x,
+                        cfg.diffusion.eval_steps,
+                        cfg.seed,
+                    )
+                if done % cfg.train.ckpt_every == 0:
+                    save(done)
+                    last_saved = done
+            if done > last_saved:
+                save(done)
+        D.barrier()
+    return run.path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# optional latent DDIM on z_sem (spec §1.4)
+class _ZDataset(torch.utils.data.Dataset):
+    def __init__(self, z: torch.Tensor):
+        self.z = z
+
+    def __len__(self) -> int:
+        return self.z.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.z[i]
+
+
+def _latent_net(cfg: Config, z_channels: int):
+    from .model import LatentMLP
+
+    lc = cfg.latent
+    return LatentMLP(z_channels, lc.num_layers, lc.hidden, lc.time_channels, lc.condition_bias, lc.dropout)
+
+
+def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Train the latent DDIM on z_sem of the frozen EMA prior ``cfg.latent.prior`` (ε-prediction, L1 loss,
+    constant β = 0.008, AdamW); z_sem is z-normalised with statistics of an inference pass over the data."""
+    from dataclasses import replace
+
+    from medsynth_core.cli import UserError
+
+    lc = cfg.latent
+    if not lc.prior:
+        raise UserError("latent.prior is empty: set latent.prior=/path/to/trained_prior.pt")
+    with D.distributed_session(cfg.device) as info:
+        D.seed_everything(cfg.seed)
+        run = T.RunDir.create(cfg.run_root, KIND, cfg.name + "-latent")
+        prior, pcfg = load_prior(lc.prior, info.device)
+        train_ds, _ = build_datasets(replace(cfg, model=pcfg.model))
+        with torch.no_grad():
+            zs = torch.cat(
+                [
+                    prior.encode(
+                        torch.stack([train_ds[j] for j in range(i, min(i + 64, len(train_ds)))]).to(
+                            info.device
+                        )
+                    )
+                    for i in range(0, len(train_ds), 64)
+                ]
+            ).cpu()
+        mean = zs.mean(0) if lc.znormalize else torch.zeros(zs.shape[1])
+        std = zs.std(0).clamp_min(1e-8) if lc.znormalize else torch.ones(zs.shape[1])
+        data = _ZDataset((zs - mean) / std)
+        net = _latent_net(cfg, zs.shape[1]).to(info.device)
+        ema = T.EMA(net, lc.ema_decay)
+        ddp = D.wrap_ddp(net, info)
+        opt = torch.optim.AdamW(net.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
+        diffusion = GaussianDiffusion(cfg.diffusion.T, const_beta=lc.beta)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
+        step = 0
+        src = Path(resume) if resume else mgr.latest()
+        if src is not None:
+            step, _ = C.restore_checkpoint(
+                C.load_checkpoint(src, kind=KIND),
+                models={"latent": net},
+                optimizers={"opt": opt},
+                emas={"latent": ema},
+                source=str(src),
+            )
+        loader = T.ResumableLoader(data, min(lc.batch_size, len(data)), seed=cfg.seed)
+        extra = {"z_mean": mean, "z_std": std, "prior": str(lc.prior)}
+
+        def save(n: int) -> None:
+            if info.is_main:
+                mgr.save(
+                    C.build_checkpoint(
+                        kind=KIND,
+                        step=n,
+                        models={"latent": net},
+                        optimizers={"opt": opt},
+                        emas={"latent": ema},
+                        config=config_to_dict(cfg),
+                        extra=extra,
+                    )
+                )
+
+        done = last = step
+        with T.RunLogger(run) as logger:
+            for s, z in T.progress(
+                loader.iterate(step, lc.steps), total=lc.steps, initial=step, desc="mgdcr latent"
+            ):
+                z = z.to(info.device)
+                t = torch.randint(0, diffusion.T, (z.shape[0],), device=info.device)
+                noise = torch.randn_like(z)
+                err = ddp(diffusion.q_sample(z, t, noise), t) - noise
+                loss = err.abs().mean() if lc.loss == "l1" else (err**2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                ema.update(net)
+                done = s + 1
+                if done % cfg.train.log_every == 0 or done == lc.steps:
+                    logger.log(done, D.all_reduce_dict({"latent_loss": float(loss.detach())}))
+                if done % lc.ckpt_every == 0:
+                    save(done)
+                    last = done
+            if done > last:
+                save(done)
+        D.barrier()
+    return run.path
+
+
+@torch.no_grad()
+def sample_unconditional(
+    latent_ckpt: str | Path,
+    n: int,
+    steps: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Unconditional images: z_sem from the latent DDIM (EMA), x_T ~ N(0, I), both decoded with DDIM."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(latent_ckpt, kind=KIND)
+    if "latent" not in (ckpt.get("emas") or {}):
+        raise ValueError(f"{latent_ckpt}: not a latent-DDIM checkpoint (train it with latent.enabled=true)")
+    cfg = config_from_dict(Config, ckpt["config"], source=str(latent_ckpt))
+    prior, pcfg = load_prior(ckpt["extra"]["prior"], device)
+    net = _latent_net(cfg, pcfg.model.z_channels)
+    C.load_module_state(net, ckpt["emas"]["latent"]["module"], source=f"{latent_ckpt} [latent ema]")
+    net = net.to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    steps = steps or cfg.latent.eval_steps
+    lat = GaussianDiffusion(cfg.diffusion.T, const_beta=cfg.latent.beta).sampler(steps)
+    zn = lat.decode(net, torch.randn(n, pcfg.model.z_channels, generator=g).to(device), clip=False)
+    z = zn * ckpt["extra"]["z_std"].to(device) + ckpt["extra"]["z_mean"].to(device)
+    s = pcfg.model.image_size
+    img = GaussianDiffusion(pcfg.diffusion.T, pcfg.diffusion.beta_start, pcfg.diffusion.beta_end).sampler(
+        pcfg.diffusion.eval_steps
+    )
+    x_t = torch.randn(n, pcfg.model.in_channels, s, s, generator=g).to(device)
+    return img.decode(prior.eps_fn(z), x_t)

@@ -1,0 +1,248 @@
+"""CLI verbs end to end on the micro preset: summary, convert-official, encode, reconstruct, evaluate, demo."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth_core.io import MedicalImage, read_image, write_image
+from medsynth_core.phantoms import cardiac_cine
+from mgdcr.cli import main
+from mgdcr.geometry import dhw_to_ijk_affine
+
+PKG = Path(__file__).resolve().parents[1]
+MICRO = PKG / "configs" / "micro.yaml"
+
+
+def test_summary_paper_and_demo(capsys):
+    assert main(["summary", "--config", str(PKG / "configs" / "paper.yaml")]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["DiffAE"]["total"] == 128_538_241 and s["SemanticEncoder"]["total"] == 24_671_232
+    assert s["shapes"]["z_sem"] == [1, 512]
+    assert main(["summary", "--config", str(PKG / "configs" / "demo.yaml")]) == 0
+    assert json.loads(capsys.readouterr().out)["DiffAE"]["total"] == 1_185_473
+
+
+def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
+    d = torch.load(ref_dir / "official_tiny.pt", weights_only=False)["beatgans_autoenc_tiny"]
+    sd = d["state_dict"]
+    ckpt = {
+        "state_dict": {
+            **{"model." + k: v * 0.5 for k, v in sd.items()},
+            **{"ema_model." + k: v for k, v in sd.items()},
+            "x_T": torch.zeros(1),
+        },
+        "global_step": 7,
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    (tmp_path / "ctor.json").write_text(json.dumps(d["constructor"]))
+    assert (
+        main(
+            [
+                "convert-official",
+                str(tmp_path / "last.ckpt"),
+                str(tmp_path / "ours.pt"),
+                "--constructor",
+                str(tmp_path / "ctor.json"),
+            ]
+        )
+        == 0
+    )
+    assert "x_T" in capsys.readouterr().out
+    from mgdcr.train import load_prior
+
+    model, cfg = load_prior(tmp_path / "ours.pt")
+    with torch.no_grad():
+        out = model(d["inputs"]["x_t"], d["inputs"]["t"], z=d["inputs"]["cond_given"])
+    torch.testing.assert_close(out, d["outputs"]["pred_with_cond_given"], rtol=1e-4, atol=1e-4)  # EMA weights
+    raw, _ = load_prior(tmp_path / "ours.pt", use_ema=False)
+    torch.testing.assert_close(raw.state_dict()["unet.out.2.weight"], 0.5 * sd["out.2.weight"])
+    # a foreign / unreadable file gives a one-line user error (exit 2)
+    (tmp_path / "junk.ckpt").write_text("nope")
+    assert (
+        main(
+            [
+                "convert-official",
+                str(tmp_path / "junk.ckpt"),
+                str(tmp_path / "x.pt"),
+                "--constructor",
+                str(tmp_path / "ctor.json"),
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.fixture(scope="module")
+def micro_ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(MICRO),
+                f"run_root={root}",
+                "train.steps=1",
+                "train.ckpt_every=1",
+                "train.sample_every=0",
+            ]
+        )
+        == 0
+    )
+    return root / "mgdcr" / "micro" / "checkpoints" / "step_00000001.pt"
+
+
+def _write_phantom(tmp_path):
+    ph = cardiac_cine(n_frames=2, n_slices=3, size=16, seed=0)
+    sax = tmp_path / "subj_sa.nii.gz"
+    write_image(MedicalImage.from_dhw(ph.sax.astype(np.float32), dhw_to_ijk_affine(ph.sax_affine)), sax)
+    laxes = []
+    for v, p in ph.lax.items():
+        a = p.affine
+        ijk = np.eye(4)
+        ijk[:3, 0], ijk[:3, 1], ijk[:3, 2], ijk[:3, 3] = a[:3, 1], a[:3, 0], a[:3, 2], a[:3, 3]
+        path = tmp_path / f"subj_{v}.nii.gz"
+        write_image(MedicalImage.from_dhw(p.image[:, None].astype(np.float32), ijk), path)  # (T,1,r,c)
+        laxes.append(str(path))
+    return ph, sax, laxes
+
+
+def test_encode_reconstruct_evaluate(tmp_path, micro_ckpt):
+    ph, sax, laxes = _write_phantom(tmp_path)
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                str(micro_ckpt),
+                "--input",
+                str(sax),
+                "--steps",
+                "5",
+                "--out",
+                str(tmp_path / "lat.pt"),
+            ]
+        )
+        == 0
+    )
+    lat = torch.load(tmp_path / "lat.pt")
+    assert lat["x_T"].shape == (3, 1, 16, 16) and lat["z_sem"].shape == (3, 32)
+    out = tmp_path / "rec"
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                str(micro_ckpt),
+                "--sax",
+                str(sax),
+                "--lax",
+                *laxes,
+                "--frame",
+                "1",
+                "--out",
+                str(out),
+                "inverse.iterations=2",
+            ]
+        )
+        == 0
+    )
+    vol = out / "subj_sa_frame_1_final_9slice.nii.gz"
+    img = read_image(vol)
+    assert img.to_dhw().shape == (9, 16, 16)
+    np.testing.assert_allclose(img.spacing[2], ph.slice_spacing / 4, rtol=1e-5)
+    # dense slice 4 sits on acquired slice 1
+    w_dense = img.affine @ np.array([2.0, 3.0, 4.0, 1.0])
+    w_sax = ph.sax_affine @ np.array([1.0, 3.0, 2.0, 1.0])
+    assert np.abs(w_dense - w_sax).max() < 1e-4
+    assert (out / "subj_sa_frame_1_panel.png").is_file()
+    assert len(json.loads((out / "subj_sa_frame_1_history.json").read_text())) == 2
+    # evaluate against a dense ground truth written on the same grid
+    gt = tmp_path / "gt.nii.gz"
+    write_image(img.with_array(np.clip(img.array + 0.05, 0, 1)), gt)
+    assert (
+        main(["evaluate", "--pred", str(vol), "--gt", str(gt), "--K", "4", "--out", str(tmp_path / "m.json")])
+        == 0
+    )
+    m = json.loads((tmp_path / "m.json").read_text())[vol.name]
+    assert 20 < m["heldout_psnr"] < 40 and (tmp_path / "m.csv").is_file()
+
+
+def test_reconstruct_bad_inputs(tmp_path, micro_ckpt, capsys):
+    ph, sax, laxes = _write_phantom(tmp_path)
+    g = tmp_path / "g.nii.gz"
+    write_image(np.zeros((16, 16, 7), np.float32), g)  # D = 7, but K=4, n=3 needs 9
+    rc = main(
+        [
+            "reconstruct",
+            "--checkpoint",
+            str(micro_ckpt),
+            "--sax",
+            str(sax),
+            "--lax-volume",
+            str(g),
+            "--lax-mask",
+            str(g),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "g.nii.gz" in capsys.readouterr().err
+    rc = main(
+        [
+            "reconstruct",
+            "--checkpoint",
+            str(micro_ckpt),
+            "--sax",
+            str(tmp_path / "missing.nii.gz"),
+            "--lax",
+            *laxes,
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2
+    rc = main(
+        [
+            "reconstruct",
+            "--checkpoint",
+            str(micro_ckpt),
+            "--sax",
+            str(sax),
+            "--lax",
+            *laxes,
+            "--frame",
+            "5",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2 and "frame 5" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_micro(tmp_path):
+    from mgdcr.demo import run_demo
+
+    s = run_demo(tmp_path / "demo", config=MICRO)
+    assert (tmp_path / "demo" / "figure.png").is_file()
+    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    assert set(m["methods"]) == {"linear", "nearest", "diffae_seed", "diffae_lax"}
+    assert (
+        m["methods"]["linear"]["acquired_psnr"] == 100.0
+    )  # linear interpolation is exact on acquired slices
+    assert np.isfinite(m["loss_last"]) and s["inverse_iterations"] == 3
+    ck = sorted((tmp_path / "demo" / "runs" / "mgdcr" / "micro" / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ck] == ["step_00000002.pt", "step_00000004.pt"]
+
+
+def test_bench_cases_run_on_demo():
+    from medsynth_core.bench import run_case
+    from mgdcr.bench import cases
+
+    cs = cases("demo")
+    assert len(cs) == 3 and len(cases("paper")) == 3
+    r = run_case(cs[0], torch.device("cpu"), warmup=0, repeats=1)
+    assert r["train_step_s"] > 0 and r["params"] == 1_185_473
