@@ -1,23 +1,227 @@
-"""Command line: ``drdm VERB``. The verbs are filled in by the package's issue (#4)."""
+"""Command line: ``drdm VERB`` (train, augment, evaluate, demo, summary, convert-official)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from medsynth_core.cli import Verb, demo_arguments, not_implemented, run_cli
+from medsynth_core.cli import (
+    UserError,
+    Verb,
+    add_config_arguments,
+    add_train_arguments,
+    demo_arguments,
+    run_cli,
+)
 
 PROG = "drdm"
-ISSUE = "#4"
-DESCRIPTION = "Deformation-Recovery Diffusion Model: diverse topology-preserving deformations for augmentation"
+DESCRIPTION = (
+    "Deformation-Recovery Diffusion Model: diverse topology-preserving deformations for augmentation"
+)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load
+    from .train import train
+
+    res = train(load(args.config, args.overrides), resume=args.resume)
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+def _net_and_cfg(args: argparse.Namespace):
+    from .config import load
+    from .train import load_network
+
+    cfg = load(args.config, args.overrides) if args.config else None
+    net, ckpt_cfg = load_network(args.checkpoint, cfg)
+    if (
+        cfg is not None
+    ):  # explicit config/overrides for sampling settings; the network shape comes from the ckpt
+        if (cfg.model.ndims, cfg.diffusion.timesteps) != (ckpt_cfg.model.ndims, ckpt_cfg.diffusion.timesteps):
+            raise UserError(
+                f"--config {args.config} does not match checkpoint {args.checkpoint} (ndims/timesteps)"
+            )
+        return net, cfg
+    if args.overrides:
+        from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts, parse_overrides
+
+        from .config import DRDMConfig
+
+        ckpt_cfg = config_from_dict(
+            DRDMConfig,
+            merge_dicts(config_to_dict(ckpt_cfg), parse_overrides(args.overrides)),
+            source=f"{args.checkpoint} config (with overrides)",
+        )
+    return net, ckpt_cfg
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, required=False)
+    p.add_argument(
+        "--checkpoint", required=True, help="our checkpoint (train output or convert-official output)"
+    )
+    p.add_argument("--device", default="cpu")
+
+
+def _augment_args(p: argparse.ArgumentParser) -> None:
+    _add_sampling_args(p)
+    p.add_argument(
+        "--images", required=True, help="folder of NIfTI images (2D slices, stacks of slices, volumes)"
+    )
+    p.add_argument("--labels", default=None, help="optional folder of label maps (same name, or <stem>_gt)")
+    p.add_argument("--out", required=True, help="output folder")
+
+
+def _augment(args: argparse.Namespace) -> int:
+    from .infer import augment_folder
+
+    net, cfg = _net_and_cfg(args)
+    res = augment_folder(
+        net.to(args.device), cfg, args.images, args.out, labels=args.labels, device=args.device
+    )
+    print(json.dumps({"files": res["files"], "written": len(res["written"]), "out": args.out}))
+    return 0
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _add_sampling_args(p)
+    p.add_argument("--out", required=True, help="output folder for metrics.json and levels.csv")
+    p.add_argument("--levels", default="1,10,20,40,60,79", help="noise levels for forward statistics")
+    p.add_argument("--seeds", type=int, default=4, help="seeds per level")
+    p.add_argument("--image", default=None, help="NIfTI image for recovery statistics (default: a phantom)")
+    p.add_argument(
+        "--t-start", type=int, default=None, help="T' for recovery (default augment.start_noise_step)"
+    )
+    p.add_argument(
+        "--downstream", action="store_true", help="also run the tiny segmentation check on phantoms"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from medsynth_core.io import read_image
+    from medsynth_core.phantoms import labelled_anatomy
+
+    from .config import build_diffusion
+    from .data import minmax, resize, to_tensor_layout
+    from .evaluate import downstream_check, forward_level_stats, recovery_stats, write_metrics
+
+    net, cfg = _net_and_cfg(args)
+    s, nd = cfg.diffusion.img_size, cfg.model.ndims
+    try:
+        levels = [int(v) for v in args.levels.split(",") if v.strip()]
+    except ValueError as exc:
+        raise UserError(f"--levels must be comma-separated integers, got {args.levels!r}") from exc
+    rows = forward_level_stats(build_diffusion(cfg, sampling=True), levels, seeds=range(args.seeds))
+    if args.image:
+        arr = to_tensor_layout(read_image(args.image).array)
+        if arr.ndim == nd + 1:
+            arr = arr[..., arr.shape[-1] // 2]
+        x = minmax(resize(torch.from_numpy(np.asarray(arr, np.float32))[None], s))[None]
+    else:
+        x = torch.from_numpy(labelled_anatomy((s,) * nd, seed=3).image)[None, None]
+    torch.manual_seed(0)
+    t0 = cfg.augment.start_noise_step if args.t_start is None else args.t_start
+    metrics = {"forward_levels": rows, "recovery": recovery_stats(net, cfg, x, t0)}
+    if args.downstream:
+        metrics["downstream"] = downstream_check(net, cfg)
+    write_metrics(args.out, metrics, rows)
+    print(json.dumps(metrics["recovery"], indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    m = run_demo(args.out)
+    print(
+        json.dumps(
+            {
+                "figure": str(Path(args.out) / "figure.png"),
+                "seconds": m["seconds"],
+                "downstream": m.get("downstream"),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _summary_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from medsynth_core.training import count_parameters
+
+    from .config import build_network, load
+
+    cfg = load(args.config, args.overrides)
+    net = build_network(cfg)
+    s, nd = cfg.diffusion.img_size, cfg.model.ndims
+    out = {
+        "recresacnet": {
+            **count_parameters(net),
+            "tensors": len(net.state_dict()),
+            "input": {"x": [1, cfg.model.num_input_chn] + [s] * nd, "t": [1]},
+            "output": {"ddf": [1, nd] + [s] * nd, "units": "fraction of the image side S"},
+        },
+        "forward_diffusion": {
+            "control_grid": [cfg.diffusion.ctl_sz] * nd,
+            "timesteps": cfg.diffusion.timesteps,
+            "outputs": {"I_t": [1, 1] + [s] * nd, "U_lab": [1, nd] + [s] * nd, "U_img": [1, nd] + [s] * nd},
+        },
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="official .pth (state_dict of RecResACNet)")
+    p.add_argument("dst", help="output medsynth checkpoint (.pt)")
+    p.add_argument("--config", default=None, help="official Config/config_*.yaml (or ours) of that model")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_official
+
+    rep = convert_official(args.src, args.dst, args.config)
+    print(json.dumps(rep, indent=2))
+    if rep["unmapped"]:
+        print(
+            f"warning: {len(rep['unmapped'])} key(s) of {args.src} were not used: {rep['unmapped']}",
+            file=sys.stderr,
+        )
+    return 0
+
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", not_implemented(PROG, ISSUE)),
-    Verb("augment", "write deformed images, labels and deformation fields for a folder of NIfTI images", not_implemented(PROG, ISSUE)),
-    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", not_implemented(PROG, ISSUE)),
-    Verb("demo", "train briefly on the embedded phantom, resume once, infer, evaluate", not_implemented(PROG, ISSUE), demo_arguments(PROG)),
-    Verb("summary", "print parameter counts and shapes of every network in a config", not_implemented(PROG, ISSUE)),
-    Verb("convert-official", "convert an official checkpoint to this package's format", not_implemented(PROG, ISSUE)),
+    Verb("train", "train the model (single process or under torchrun)", _train, add_train_arguments),
+    Verb(
+        "augment",
+        "write deformed images, labels and deformation fields for a folder of NIfTI images",
+        _augment,
+        _augment_args,
+    ),
+    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", _evaluate, _evaluate_args),
+    Verb(
+        "demo",
+        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        _demo,
+        demo_arguments(PROG),
+    ),
+    Verb(
+        "summary", "print parameter counts and shapes of every network in a config", _summary, _summary_args
+    ),
+    Verb(
+        "convert-official", "convert an official checkpoint to this package's format", _convert, _convert_args
+    ),
 ]
 
 

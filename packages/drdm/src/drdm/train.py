@@ -1,0 +1,130 @@
+"""Training of the recovery network (spec sections 3 and 7, Alg. 1): single process or torchrun (DDP)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsynth_core import checkpoint as C
+from medsynth_core import distributed as D
+from medsynth_core import training as T
+from medsynth_core.cli import UserError
+from medsynth_core.config import config_to_dict, save_config
+from medsynth_core.viz import save_grid
+
+from .config import DRDMConfig, build_diffusion, build_network
+from .data import TrainAugment, build_dataset
+from .deform import warp
+from .losses import drdm_loss
+
+log = logging.getLogger("drdm.train")
+KIND = "drdm"
+
+
+def _device(name: str) -> str | None:
+    return None if name == "auto" else name
+
+
+def save_preview(path: Path, x0: torch.Tensor, xt: torch.Tensor, rec: torch.Tensor) -> None:
+    def mid(v: torch.Tensor) -> torch.Tensor:
+        v = v[0, 0].detach().float().cpu()
+        return v[v.shape[0] // 2] if v.ndim == 3 else v
+
+    save_grid(path, [mid(x0), mid(xt), mid(rec)], titles=["x0", "I_t", "W(I_t, psi)"], value_range=(0.0, 1.0))
+
+
+def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
+    """Train ``cfg.train.steps`` optimiser steps (or stop at ``max_steps``). Resumes from ``resume`` or the
+    run directory's latest checkpoint (never from foreign files; Q9). Returns the final metrics."""
+    tc = cfg.train
+    T.set_num_threads(tc.threads)
+    with D.distributed_session(_device(tc.device)) as info:
+        D.seed_everything(tc.seed)
+        run = T.RunDir.create(cfg.out_dir, "drdm", cfg.name)
+        net = build_network(cfg).to(info.device)
+        model = D.wrap_ddp(net, info)
+        opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=tc.lr)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=tc.keep_last)
+        start = 0
+        ckpt_path = Path(resume) if resume else mgr.latest()
+        if ckpt_path is not None:
+            ckpt = C.load_checkpoint(ckpt_path, kind=KIND)
+            start, _ = C.restore_checkpoint(
+                ckpt, models={"network": net}, optimizers={"adam": opt}, source=str(ckpt_path)
+            )
+            log.info("resumed from %s at step %d", ckpt_path, start)
+        if info.is_main:
+            save_config(cfg, run.config)
+        diffusion = build_diffusion(cfg, sampling=False)
+        augment = TrainAugment(cfg.model.ndims, tc.noise_scale, tc.geometric_aug)
+        dataset = build_dataset(cfg)
+        try:
+            loader = T.ResumableLoader(dataset, tc.batchsize, seed=tc.seed, num_workers=tc.num_workers)
+        except ValueError as exc:
+            raise UserError(f"data: {exc}") from exc
+        end = tc.steps if max_steps is None else min(tc.steps, max_steps)
+        last: dict[str, float] = {}
+        with T.RunLogger(run) as logger:
+            for step, x0 in T.progress(
+                loader.iterate(start, end), total=end, initial=start, desc="drdm train"
+            ):
+                model.train()
+                x0 = augment(x0.to(info.device).float())
+                t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],))
+                x_t, u_lab, _ = diffusion(x0, t)
+                pred = model(x_t, t.to(info.device), rec_num=cfg.model.rec_num)
+                terms = drdm_loss(
+                    pred,
+                    u_lab,
+                    cfg.diffusion.padding_mode,
+                    tc.w_dist,
+                    tc.w_ang,
+                    tc.w_reg,
+                    tc.detj_weight,
+                    tc.true_negdetj_weight,
+                )
+                if not math.isfinite(terms["loss"].item()):
+                    raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
+                opt.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                opt.step()
+                done = step + 1
+                last = D.all_reduce_dict({k: v.detach() for k, v in terms.items()})
+                if done % tc.log_every == 0 or done == end:
+                    logger.log(done, last)
+                if info.is_main and (done % tc.image_every == 0 or done == end):
+                    with torch.no_grad():
+                        rec = warp(
+                            x_t, pred.detach(), mode="bilinear", padding_mode=cfg.diffusion.img_pad_mode
+                        )
+                    save_preview(run.images / f"step_{done:08d}.png", x0, x_t, rec)
+                if info.is_main and (done % tc.ckpt_every == 0 or done == end):
+                    mgr.save(
+                        C.build_checkpoint(
+                            kind=KIND,
+                            step=done,
+                            models={"network": net},
+                            optimizers={"adam": opt},
+                            config=config_to_dict(cfg),
+                        )
+                    )
+                D.barrier()
+        return {"step": end, "run_dir": str(run.path), **{k: float(v) for k, v in last.items()}}
+
+
+def load_network(path: str | Path, cfg: DRDMConfig | None = None, map_location: str = "cpu"):
+    """Network (eval mode) and config from one of our checkpoints; the config saved in it wins."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=KIND, map_location=map_location)
+    if ckpt.get("config") is not None:
+        cfg = config_from_dict(DRDMConfig, ckpt["config"], source=f"{path} [config]")
+    if cfg is None:
+        raise UserError(f"{path}: holds no config; pass --config")
+    net = build_network(cfg)
+    C.load_module_state(net, ckpt["models"]["network"], source=str(path))
+    return net.eval(), cfg
