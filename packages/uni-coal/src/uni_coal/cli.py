@@ -1,24 +1,207 @@
-"""Command line: ``uni-coal VERB``. The verbs are filled in by the package's issue (#6)."""
+"""Command line: ``uni-coal VERB`` (train, synthesize, prepare, evaluate, demo, summary, convert-official)."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from medsynth_core.cli import Verb, demo_arguments, not_implemented, run_cli
+from medsynth_core.cli import (
+    UserError,
+    Verb,
+    add_config_arguments,
+    add_train_arguments,
+    demo_arguments,
+    run_cli,
+)
 
 PROG = "uni-coal"
 ISSUE = "#6"
 DESCRIPTION = "Uni-COAL: co-modulated alias-free GAN for MR cross-modality synthesis and super-resolution"
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(args: argparse.Namespace):
+    from medsynth_core.config import ConfigError, load_config
+
+    from .config import Config
+
+    try:
+        return load_config(Config, args.config, args.overrides)
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = _load(args)
+    res = train(cfg, resume=args.resume)
+    print(json.dumps({"run": res["run"], "steps": res["steps"], "last": res["last"]}))
+    return 0
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="our checkpoint (or one made by convert-official)")
+    p.add_argument(
+        "--input", required=True, help="source NIfTI volume (co-registered; slices along axis 0 after LPS)"
+    )
+    p.add_argument("--output", required=True, help="output NIfTI path (a PNG preview is written beside it)")
+    p.add_argument("--target", required=True, help="target modality name, e.g. T2 (see data.modalities)")
+    p.add_argument(
+        "--thickness",
+        type=float,
+        default=1.0,
+        help="source slice spacing in output-slice units (1 = CMS, 4 = 4x SR/CMSR)",
+    )
+    p.add_argument("--out-step", type=float, default=1.0, help="output slice spacing in the same units")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from .infer import synthesize_nifti
+
+    if args.thickness <= 0 or args.out_step <= 0:
+        raise UserError("--thickness and --out-step must be > 0")
+    print(
+        json.dumps(
+            synthesize_nifti(
+                args.checkpoint,
+                args.input,
+                args.output,
+                args.target,
+                args.thickness,
+                args.out_step,
+                args.seed,
+                args.batch_size,
+                args.device,
+            )
+        )
+    )
+    return 0
+
+
+def _prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="folder of <subject>/<subject>-<MOD>.nii.gz (registered)")
+    p.add_argument("--output", required=True, help="folder for <subject>.h5")
+    p.add_argument("--modalities", nargs="+", default=["T1", "T2", "PD"], help="modality suffixes / h5 keys")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .data import prepare_subjects
+
+    files = prepare_subjects(args.input, args.output, args.modalities)
+    print(json.dumps({"written": [str(f) for f in files]}))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for metrics.json and metrics.csv")
+    p.add_argument("--pred", help="mode 1: folder of predictions written by `synthesize`")
+    p.add_argument(
+        "--target",
+        help="mode 1: folder of target NIfTIs with the same file names; mode 2: target modality name",
+    )
+    p.add_argument("--checkpoint", help="mode 2: predict the config's test split with this checkpoint")
+    p.add_argument("--source", help="mode 2: source modality name")
+    p.add_argument("--thickness", type=int, default=1, help="mode 2: source decimation factor (1 = CMS)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="mode 2: config overrides (data.root=...)"
+    )
+    p.add_argument(
+        "--fixed-range",
+        action="store_true",
+        help="Q12 variant: no per-volume percentile renormalisation of the prediction",
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint, evaluate_folders
+
+    if args.checkpoint:
+        if not args.source or not args.target:
+            raise UserError("with --checkpoint give --source and --target modality names")
+        res = evaluate_checkpoint(
+            args.checkpoint,
+            args.source,
+            args.target,
+            args.thickness,
+            args.out,
+            args.overrides,
+            args.seed,
+            paper_norm=not args.fixed_range,
+        )
+    elif args.pred and args.target:
+        res = evaluate_folders(args.pred, args.target, args.out, paper_norm=not args.fixed_range)
+    else:
+        raise UserError("give --pred and --target folders, or --checkpoint with --source/--target")
+    print(json.dumps({"mean": res["mean"], "std": res["std"], "n": res["n"]}))
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    from .summary import summary
+
+    print(json.dumps(summary(_load(args)), indent=2))
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="official checkpoint / state dict")
+    p.add_argument("dst", help="output checkpoint in this package's format")
+    p.add_argument("--config", default=None, help="our config matching the official model (default: paper)")
+    p.add_argument(
+        "--official-config",
+        default=None,
+        help="the official YAML the model was trained with (its _BASE_ chain beside it)",
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_official
+
+    print(json.dumps(convert_official(args.src, args.dst, args.config, args.official_config), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    res = run_demo(args.out)
+    print(json.dumps({k: v for k, v in res.items() if k != "figure"}, indent=2))
+    return 0
+
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", not_implemented(PROG, ISSUE)),
-    Verb("synthesize", "synthesize a target modality / thin slices from a NIfTI volume", not_implemented(PROG, ISSUE)),
-    Verb("prepare", "convert NIfTI volumes to the h5 training layout", not_implemented(PROG, ISSUE)),
-    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", not_implemented(PROG, ISSUE)),
-    Verb("demo", "train briefly on the embedded phantom, resume once, infer, evaluate", not_implemented(PROG, ISSUE), demo_arguments(PROG)),
-    Verb("summary", "print parameter counts and shapes of every network in a config", not_implemented(PROG, ISSUE)),
-    Verb("convert-official", "convert an official checkpoint to this package's format", not_implemented(PROG, ISSUE)),
+    Verb("train", "train the model (single process or under torchrun)", _train, add_train_arguments),
+    Verb(
+        "synthesize",
+        "synthesize a target modality / thin slices from a NIfTI volume",
+        _synthesize,
+        _synth_args,
+    ),
+    Verb("prepare", "convert NIfTI volumes to the h5 training layout", _prepare, _prepare_args),
+    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", _evaluate, _eval_args),
+    Verb(
+        "demo",
+        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        _demo,
+        demo_arguments(PROG),
+    ),
+    Verb(
+        "summary",
+        "print parameter counts and shapes of every network in a config",
+        _summary,
+        lambda p: add_config_arguments(p),
+    ),
+    Verb(
+        "convert-official", "convert an official checkpoint to this package's format", _convert, _convert_args
+    ),
 ]
 
 
