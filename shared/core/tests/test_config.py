@@ -117,3 +117,17 @@ def test_round_trip_through_yaml(tmp_path):
 
 def test_parse_overrides_nesting():
     assert parse_overrides(["a.b.c=1", "a.d=[1, 2]", "e=x"]) == {"a": {"b": {"c": 1}, "d": [1, 2]}, "e": "x"}
+
+
+def test_bundled_configs_wheel_and_checkout_layouts(tmp_path):
+    from medsynth_core.config import bundled_configs
+
+    checkout = tmp_path / "packages" / "pkg"
+    (checkout / "src" / "pkg").mkdir(parents=True)
+    (checkout / "configs").mkdir()
+    assert bundled_configs(checkout / "src" / "pkg" / "demo.py") == checkout / "configs"
+    wheel = tmp_path / "site-packages" / "pkg"
+    (wheel / "configs").mkdir(parents=True)
+    assert bundled_configs(wheel / "demo.py") == wheel / "configs"
+    with pytest.raises(ConfigError, match="no configs folder"):
+        bundled_configs(tmp_path / "a" / "b" / "c" / "x.py")

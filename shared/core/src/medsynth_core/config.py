@@ -269,3 +269,20 @@ def require(condition: bool, key: str, message: str) -> None:
     """For ``__post_init__`` checks: ``require(self.lr > 0, "lr", "must be > 0")``."""
     if not condition:
         raise ValueError(f"'{key}' {message}")
+
+
+def bundled_configs(package_file: str | os.PathLike) -> Path:
+    """The ``configs/`` folder of a method package, given any module ``__file__`` at its top level.
+
+    Installed from a wheel, the configs ship inside the package (``<import_name>/configs``); in a
+    source checkout they sit beside ``src/`` (``packages/<name>/configs``).
+    """
+    here = Path(package_file).resolve().parent
+    candidates = (here / "configs", here.parents[1] / "configs")
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError(
+        f"no configs folder found for {here.name} (looked in {', '.join(str(c) for c in candidates)}); "
+        "reinstall the package or pass --config explicitly"
+    )
