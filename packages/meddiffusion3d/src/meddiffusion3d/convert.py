@@ -1,0 +1,185 @@
+"""Official 3D-MedDiffusion PatchVolume checkpoints and configs → this package.
+
+* ``config_from_official(cfg)``: the official ``config/PatchVolume_{4x,8x}[_s2].yaml`` (``model:`` +
+  ``dataset:``; an OmegaConf dump or plain dict) → override mapping for :class:`~.config.Config`.
+* ``convert_state_dict(sd)``: Lightning ``state_dict`` (or the whole ``.ckpt``) → ``{"ae": …, "disc": …}``.
+  Module names are the official ones, so the AE and discriminator keys map one to one; the frozen
+  LPIPS copy (``perceptual_loss.*``) is dropped and listed; the codebook gets its ``initialized`` flag
+  set (the official flag was never saved, spec §6.1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsynth_core.checkpoint import atomic_torch_save, build_checkpoint
+from medsynth_core.cli import UserError
+from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts
+
+from .config import Config, build_autoencoder, build_discriminator
+
+KIND = "meddiffusion3d-ae"
+AE_PREFIXES = ("encoder.", "decoder.", "pre_vq_conv.", "post_vq_conv.", "codebook.")
+DISC_PREFIX = "volume_discriminator."
+IGNORED_PREFIXES = ("perceptual_loss.",)
+
+# official model keys → ours (ae section unless noted); keys absent here are run settings we ignore
+_MODEL_KEYS = {
+    "embedding_dim": "embedding_dim",
+    "n_codes": "n_codes",
+    "n_hiddens": "n_hiddens",
+    "disc_channels": "disc_channels",
+    "disc_layers": "disc_layers",
+    "disc_loss_type": "disc_loss",
+    "volume_gan_weight": "gan_w",
+    "l1_weight": "l1_w",
+    "gan_feat_weight": "fm_w",
+    "perceptual_weight": "tp_w",
+    "restart_thres": "restart_thres",
+    "norm_type": "norm_type",
+    "num_groups": "num_groups",
+}
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    if hasattr(cfg, "items") and not isinstance(cfg, dict):
+        try:  # OmegaConf DictConfig
+            from omegaconf import OmegaConf  # type: ignore[import-not-found]
+
+            return OmegaConf.to_container(cfg, resolve=True)
+        except ImportError:
+            return {k: _plain(v) if hasattr(v, "items") else v for k, v in cfg.items()}
+    return dict(cfg)
+
+
+def config_from_official(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Official PatchVolume config (``{"model": …, "dataset": …}``, or ``{"cfg": …}``) → our override dict."""
+    cfg = _plain(cfg)
+    if "cfg" in cfg and "model" not in cfg:
+        cfg = _plain(cfg["cfg"])
+    if "model" not in cfg:
+        raise UserError("official config has no 'model' section (expected config/PatchVolume_*.yaml)")
+    model, dataset = dict(cfg["model"]), dict(cfg.get("dataset") or {})
+    ae: dict[str, Any] = {v: model[k] for k, v in _MODEL_KEYS.items() if k in model}
+    if "downsample" in model:
+        ds = model["downsample"]
+        ds = list(ds) if isinstance(ds, (list, tuple)) else [ds] * 3
+        if len(set(ds)) != 1:
+            raise UserError(f"official downsample {ds} is anisotropic; only [d, d, d] is supported")
+        ae["downsample"] = int(ds[0])
+    if "no_random_restart" in model:
+        ae["random_restart"] = not bool(model["no_random_restart"])
+    if model.get("perceptual_3d"):
+        raise UserError("perceptual_3d (MedicalNet) is not implemented; set it to False")
+    if "image_channels" in dataset:
+        ae["image_channels"] = int(dataset["image_channels"])
+    stage = int(model.get("stage", 1))
+    st: dict[str, Any] = {}
+    if "lr" in model:
+        st["lr"] = float(model["lr"])
+    if "batch_size" in model:
+        st["batch"] = int(model["batch_size"])
+    if "discriminator_iter_start" in model:
+        st["disc_start"] = int(model["discriminator_iter_start"])
+    if "max_steps" in model:
+        st["steps"] = int(model["max_steps"])
+    if "precision" in model:
+        st["amp"] = str(model["precision"]).startswith("bf16") or str(model["precision"]) == "16"
+    ae[f"stage{stage}"] = st
+    out: dict[str, Any] = {"ae": ae}
+    if "patch_size" in dataset:
+        out["data"] = {"patch": int(dataset["patch_size"])}
+    if "seed" in model:
+        out["run"] = {"seed": int(model["seed"])}
+    return out
+
+
+def config_from_official_to_config(cfg: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> Config:
+    return config_from_dict(
+        Config, merge_dicts(dict(base or {}), config_from_official(cfg)), "official config"
+    )
+
+
+def convert_state_dict(
+    sd: Mapping[str, Any],
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, list[str]]]:
+    """Split an official Lightning state dict into our ``ae`` / ``disc`` state dicts.
+
+    Returns ``(states, report)`` with ``report = {"ignored": […], "unmapped": […]}``.
+    """
+    if "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    ae: dict[str, torch.Tensor] = {}
+    disc: dict[str, torch.Tensor] = {}
+    ignored, unmapped = [], []
+    for k, v in sd.items():
+        if k.startswith(AE_PREFIXES):
+            ae[k] = v
+        elif k.startswith(DISC_PREFIX):
+            disc[k[len(DISC_PREFIX) :]] = v
+        elif k.startswith(IGNORED_PREFIXES):
+            ignored.append(k)
+        else:
+            unmapped.append(k)
+    if ae:
+        ae["codebook.initialized"] = torch.tensor(True)
+    return {"ae": ae, "disc": disc}, {"ignored": ignored, "unmapped": unmapped}
+
+
+def load_official(ckpt_path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise UserError(f"{path}: official checkpoint not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read as a PyTorch/Lightning checkpoint ({exc})") from exc
+
+
+def convert_checkpoint(
+    src: str | os.PathLike, dst: str | os.PathLike, official_config: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """Convert an official ``.ckpt`` to a medsynth checkpoint (``kind=meddiffusion3d-ae``)."""
+    raw = load_official(src)
+    cfg_src = None
+    if official_config is not None:
+        import yaml
+
+        cfg_src = yaml.safe_load(Path(official_config).read_text())
+    elif isinstance(raw, Mapping) and "hyper_parameters" in raw:  # Lightning save_hyperparameters()
+        hp = raw["hyper_parameters"]
+        cfg_src = hp.get("cfg", hp) if isinstance(hp, Mapping) else None
+    if cfg_src is None:
+        raise UserError(
+            f"{src}: no hyper_parameters in the checkpoint; pass --official-config "
+            "config/PatchVolume_{4x,8x}.yaml used to train it"
+        )
+    cfg = config_from_official_to_config(cfg_src)
+    states, report = convert_state_dict(raw)
+    if report["unmapped"]:
+        print(f"unmapped keys ({len(report['unmapped'])}): {', '.join(report['unmapped'][:20])}")
+    if report["ignored"]:
+        print(f"ignored {len(report['ignored'])} frozen LPIPS keys (perceptual_loss.*)")
+    ae, disc = build_autoencoder(cfg.ae), build_discriminator(cfg.ae)
+    from medsynth_core.checkpoint import load_module_state
+
+    load_module_state(ae, states["ae"], source=f"{src} [autoencoder]")
+    if states["disc"]:
+        load_module_state(disc, states["disc"], source=f"{src} [discriminator]")
+    models = {"ae": ae, "disc": disc}
+    step = int(raw.get("global_step", 0)) if isinstance(raw, Mapping) else 0
+    ckpt = build_checkpoint(
+        kind=KIND,
+        step=step,
+        models=models,
+        config=config_to_dict(cfg),
+        include_rng=False,
+        extra={"stage": int(ae.stage), "converted_from": str(src), **report},
+    )
+    atomic_torch_save(ckpt, dst)
+    return {"dst": str(dst), "step": step, **{k: len(v) for k, v in report.items()}}

@@ -1,0 +1,182 @@
+"""Training of the patch-volume autoencoder, stage 1 (patches) and stage 2 (joint decoder), spec §1.3.
+
+Single process or ``torchrun`` (DDP through medsynth-core). Each step is either a generator step or,
+once ``step >= disc_start``, alternately a discriminator step (``step % 2 == 1``), like the official
+Lightning loop whose ``global_step`` counts both. Checkpoints (atomic, with RNG states) resume exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from medsynth_core import checkpoint as C
+from medsynth_core import distributed as D
+from medsynth_core import training as T
+from medsynth_core.cli import UserError
+from medsynth_core.config import config_to_dict
+from medsynth_core.viz import save_volume_views
+
+from .config import Config, build_autoencoder, build_discriminator
+from .data import PatchDataset, VolumeSource, WholeVolumeDataset
+from .discriminator import DiscriminatorPair
+from .losses import AELoss
+
+log = logging.getLogger("meddiffusion3d")
+KIND = "meddiffusion3d-ae"
+PACKAGE = "meddiffusion3d"
+
+
+def run_dir(cfg: Config, stage: int) -> T.RunDir:
+    return T.RunDir.create(cfg.run.root, PACKAGE, f"{cfg.run.name}/stage{stage}")
+
+
+def latest_checkpoint(cfg: Config, stage: int) -> Path | None:
+    return C.CheckpointManager(
+        Path(cfg.run.root) / PACKAGE / cfg.run.name / f"stage{stage}" / "checkpoints"
+    ).latest()
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
+    """(ae, cfg, ckpt) from a medsynth AE checkpoint (training or ``convert-official``), eval mode."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=KIND, map_location=device)
+    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
+    ae = build_autoencoder(cfg.ae)
+    stage = int((ckpt.get("extra") or {}).get("stage", 1))
+    C.load_module_state(ae, ckpt["models"]["ae"], source=f"{path} [ae]")
+    ae.set_stage(stage)
+    return ae.to(device).eval(), cfg, ckpt
+
+
+def _stage_cfg(cfg: Config, stage: int):
+    return cfg.ae.stage1 if stage == 1 else cfg.ae.stage2
+
+
+def train_ae(
+    cfg: Config, stage: int, resume: str | Path | None = None, init: str | Path | None = None
+) -> Path:
+    """Train one stage; returns the run folder. Stage 2 starts from ``init`` (a stage-1 checkpoint;
+    default: the latest of this run name's stage 1)."""
+    if stage not in (1, 2):
+        raise UserError(f"--stage must be 1 or 2, got {stage}")
+    sc = _stage_cfg(cfg, stage)
+    T.set_num_threads(cfg.run.threads)
+    with D.distributed_session(cfg.run.device) as info:
+        D.seed_everything(cfg.run.seed)
+        source = VolumeSource(cfg.data, "train")  # data errors before any run folder is created
+        run = run_dir(cfg, stage)
+        device = info.device
+        ae = build_autoencoder(cfg.ae).to(device)
+        disc = build_discriminator(cfg.ae).to(device)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
+        resume_path = Path(resume) if resume else mgr.latest()
+        if stage == 2 and resume_path is None:
+            src = Path(init) if init else latest_checkpoint(cfg, 1)
+            if src is None:
+                raise UserError(
+                    "stage 2 needs a stage-1 checkpoint: train --stage 1 first or pass --init PATH"
+                )
+            ck = C.load_checkpoint(src, kind=KIND, map_location=device)
+            C.load_module_state(ae, ck["models"]["ae"], source=f"{src} [ae]")
+            if "disc" in ck["models"]:
+                C.load_module_state(disc, ck["models"]["disc"], source=f"{src} [disc]")
+            log.info("stage 2 initialised from %s", src)
+        ae.set_stage(stage)
+        loss_fn = AELoss(cfg.ae).to(device)
+        opt_ae = torch.optim.Adam(ae.trainable_parameters(), lr=sc.lr, betas=tuple(sc.betas))
+        opt_d = torch.optim.Adam(disc.parameters(), lr=sc.lr, betas=tuple(sc.betas))
+        start = 0
+        if resume_path is not None:
+            ck = C.load_checkpoint(resume_path, kind=KIND, map_location=device)
+            if int((ck.get("extra") or {}).get("stage", 1)) != stage:
+                raise UserError(
+                    f"{resume_path} is a stage-{ck['extra'].get('stage')} checkpoint, not stage {stage}"
+                )
+            start, _ = C.restore_checkpoint(
+                ck,
+                models={"ae": ae, "disc": disc},
+                optimizers={"opt_ae": opt_ae, "opt_d": opt_d},
+                source=str(resume_path),
+            )
+            log.info("resumed from %s at step %d", resume_path, start)
+        ae_ddp = D.wrap_ddp(ae, info)
+        pair_ddp = D.wrap_ddp(DiscriminatorPair(disc), info)
+
+        if stage == 1:
+            ds = PatchDataset(
+                source, cfg.data.patch, seed=cfg.run.seed, flip_p=cfg.data.flip_p, rot_p=cfg.data.rot_p
+            )
+        else:
+            ds = WholeVolumeDataset(source, cfg.data, seed=cfg.run.seed)
+        loader = T.ResumableLoader(ds, sc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+        patch = cfg.data.patch if stage == 2 else None
+        ckpt_cfg = config_to_dict(cfg)
+
+        def save(step_done: int) -> None:
+            if info.is_main:
+                mgr.save(
+                    C.build_checkpoint(
+                        kind=KIND,
+                        step=step_done,
+                        models={"ae": ae, "disc": disc},
+                        optimizers={"opt_ae": opt_ae, "opt_d": opt_d},
+                        config=ckpt_cfg,
+                        extra={"stage": stage},
+                    )
+                )
+
+        ae.train()
+        disc.train()
+        loss_fn.train()
+        with T.RunLogger(run) as logger:
+            bar = T.progress(
+                loader.iterate(start, sc.steps), total=sc.steps, initial=start, desc=f"stage {stage}"
+            )
+            for step, batch in bar:
+                x = batch.to(device, non_blocking=True)
+                if not torch.isfinite(x).all():
+                    raise UserError(f"step {step}: the input batch holds NaN/Inf; check the data files")
+                d_step = step >= sc.disc_start and step % 2 == 1
+                if not d_step:
+                    opt_ae.zero_grad(set_to_none=True)
+                    disc.requires_grad_(False)
+                    with T.autocast(device, sc.amp):
+                        x_recon, vq = ae_ddp(x, patch=patch)
+                        loss, logs = loss_fn.generator(
+                            x, x_recon.float(), vq, disc, step, sc.disc_start, stage
+                        )
+                    loss.backward()
+                    disc.requires_grad_(True)
+                    opt_ae.step()
+                else:
+                    opt_d.zero_grad(set_to_none=True)
+                    with torch.no_grad(), T.autocast(device, sc.amp):
+                        x_recon, vq = ae(x, patch=patch)  # codebook EMA still runs, as in the official code
+                    with T.autocast(device, sc.amp):
+                        real, fake = pair_ddp(x.detach(), x_recon.detach().float())
+                        loss, logs = loss_fn.discriminator(real.float(), fake.float())
+                    loss.backward()
+                    opt_d.step()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"stage {stage} step {step}: loss is {float(loss)}")
+                if (step + 1) % sc.log_every == 0 or step + 1 == sc.steps:
+                    logger.log(
+                        step + 1,
+                        D.all_reduce_dict({k: float(v) for k, v in logs.items()}),
+                        prefix=f"stage{stage}",
+                    )
+                if info.is_main and ((step + 1) % sc.image_every == 0 or step + 1 == sc.steps):
+                    save_volume_views(
+                        run.images / f"step_{step + 1:08d}.png",
+                        [x[0, 0].detach().cpu(), x_recon[0, 0].detach().float().cpu()],
+                        titles=["input", "reconstruction"],
+                        value_range=(-1.0, 1.0),
+                    )
+                if (step + 1) % sc.ckpt_every == 0 or step + 1 == sc.steps:
+                    save(step + 1)
+        D.barrier()
+    return run.path
