@@ -1,5 +1,6 @@
 """One method installs on its own: wheels of medsynth-core and one package into a fresh venv."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -35,3 +36,12 @@ def test_core_and_one_method_install_alone(tmp_path):
         assert other not in listed  # nothing else from the workspace came along
     out = subprocess.run([str(venv / "bin" / "drdm"), "--help"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "augment" in out.stdout, out.stderr
+    # the configs ship inside the wheel: the installed package finds and runs its own demo config
+    find = "import drdm, medsynth_core.config as c; print(c.bundled_configs(drdm.__file__) / 'demo.yaml')"
+    demo_cfg = subprocess.run([str(venv / "bin" / "python"), "-c", find], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    assert "site-packages" in demo_cfg
+    out = subprocess.run([str(venv / "bin" / "drdm"), "summary", "--config", demo_cfg], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from medsynth_core.config import ConfigError, config_from_dict, load_config, read_yaml, require
+from medsynth_core.config import (
+    ConfigError,
+    bundled_configs,
+    config_from_dict,
+    load_config,
+    read_yaml,
+    require,
+)
 
 Pad = Literal["zeros", "border", "reflection"]
 Interp = Literal["bilinear", "bicubic", "nearest"]
@@ -130,7 +136,7 @@ class DRDMConfig:
         )
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = bundled_configs(__file__)
 
 
 def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> DRDMConfig:

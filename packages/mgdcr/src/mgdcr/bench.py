@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from medsynth_core.bench import BenchCase
-from medsynth_core.config import load_config
+from medsynth_core.config import bundled_configs, load_config
 
 from .config import Config
 from .diffusion import GaussianDiffusion
 from .model import DiffAE
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = bundled_configs(__file__)
 
 
 def _cfg(config: str) -> Config:

@@ -55,7 +55,7 @@ def phantom_case(
 def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
     import torch
 
-    from medsynth_core.config import load_config
+    from medsynth_core.config import bundled_configs, load_config
     from medsynth_core.viz import save_grid
 
     from .config import Config
@@ -67,7 +67,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = Path(config) if config else Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+    cfg_path = Path(config) if config else bundled_configs(__file__) / "demo.yaml"
     cfg = load_config(Config, cfg_path, list(overrides or []) + [f"run_root={out / 'runs'}"])
     total = cfg.train.steps
     half = max(1, total // 2)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medsynth_core.config import load_config
+from medsynth_core.config import bundled_configs, load_config
 from medsynth_core.viz import save_grid
 
 from .config import Config
@@ -18,7 +18,7 @@ from .data import build_volumes
 from .evaluate import volume_metrics
 from .infer import load_generator, synthesize_volume
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_CONFIG = bundled_configs(__file__) / "demo.yaml"
 EXAMPLES = (("CMS", "T1", "T2", 1), ("SR", "T2", "T2", 2), ("CMSR", "T1", "T2", 2))
 
 
