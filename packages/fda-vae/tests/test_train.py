@@ -1,0 +1,207 @@
+"""Spec §7 item 8 (training smoke test), step order, spike skip, exact resume, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fda_vae.config import Config
+from fda_vae.data import ArrayPairDataset, phantom_datasets
+from fda_vae.train import Trainer, train
+from medsynth_core.checkpoint import load_checkpoint
+from medsynth_core.config import load_config
+
+from .conftest import PKG, tiny_overrides, toy_pairs
+
+
+def _toy_sets(n=16, size=16):
+    a, b = toy_pairs(n, size)
+    keys = [f"T{i:03d}_0" for i in range(n)]
+    return ArrayPairDataset(a, b, keys, size), ArrayPairDataset(a[:2], b[:2], keys[:2], size)
+
+
+def _batch(ds, idx):
+    return {"a": torch.stack([ds[i]["a"] for i in idx]), "b": torch.stack([ds[i]["b"] for i in idx])}
+
+
+@pytest.mark.slow
+def test_smoke_translation_loss_drops(tiny_cfg):
+    torch.manual_seed(0)
+    tr, _ = _toy_sets()
+    t = Trainer(tiny_cfg)
+    g = torch.Generator().manual_seed(0)
+    trans = []
+    for _ in range(40):
+        idx = torch.randint(0, len(tr), (2,), generator=g).tolist()
+        logs = t.step(_batch(tr, idx))
+        assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+        trans.append(logs["trans"] if not logs["skipped"] else trans[-1])
+    first, last = sum(trans[:5]) / 5, sum(trans[-5:]) / 5
+    assert last <= 0.5 * first, (first, last)
+
+
+def test_one_step_updates_all(tiny_cfg):
+    torch.manual_seed(0)
+    tr, _ = _toy_sets()
+    t = Trainer(tiny_cfg)
+    before = {k: [p.detach().clone() for p in d.parameters()] for k, d in t.discs.items()}
+    g_before = [p.detach().clone() for p in t.generator.parameters()]
+    logs = t.step(_batch(tr, [0, 1]))
+    assert logs["skipped"] == 0.0 and set(logs) >= {"d_a", "d_b", "rec", "trans", "kl", "fda", "adv"}
+    for k, d in t.discs.items():  # both critics changed
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], d.parameters())), k
+    for (name, p), old in zip(t.generator.named_parameters(), g_before):  # no unused generator parameter
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        assert not torch.equal(p, old), name
+    for d in t.discs.values():
+        assert all(p.requires_grad for p in d.parameters())
+
+
+def test_g_uses_updated_discriminators(tiny_cfg, monkeypatch):
+    """Step order (spec §3): D_B, D_A, then the G loss with the just-updated critics."""
+    import fda_vae.train as tr_mod
+
+    order = []
+    real_d, real_g = tr_mod.discriminator_loss, tr_mod.generator_loss
+
+    def d_spy(disc, real, fake):
+        order.append("D")
+        return real_d(disc, real, fake)
+
+    def g_spy(cfg, oa, ob, xa, xb, da, db, perc):
+        order.append("G")
+        snap = {k: next(d.parameters()).detach().clone() for k, d in (("a", da), ("b", db))}
+        out = real_g(cfg, oa, ob, xa, xb, da, db, perc)
+        order.append(snap)
+        return out
+
+    monkeypatch.setattr(tr_mod, "discriminator_loss", d_spy)
+    monkeypatch.setattr(tr_mod, "generator_loss", g_spy)
+    torch.manual_seed(0)
+    tr, _ = _toy_sets()
+    t = Trainer(tiny_cfg)
+    w0 = {k: next(d.parameters()).detach().clone() for k, d in t.discs.items()}
+    t.step(_batch(tr, [0, 1]))
+    assert order[:3] == ["D", "D", "G"]
+    for k in ("a", "b"):  # the G pass saw the updated weights
+        assert not torch.equal(order[3][k], w0[k]) and torch.equal(order[3][k], next(t.discs[k].parameters()))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_spike_skip_flag(tiny_cfg, enabled):
+    tiny_cfg.train.skip_spike = enabled
+    torch.manual_seed(0)
+    tr, _ = _toy_sets()
+    t = Trainer(tiny_cfg)
+    t.spikes.extend([0.01] * 6)  # window with > 5 values and a tiny mean: any real batch is a spike
+    g0 = [p.detach().clone() for p in t.generator.parameters()]
+    logs = t.step(_batch(tr, [0, 1]))
+    unchanged = all(torch.equal(a, b) for a, b in zip(g0, t.generator.parameters()))
+    assert logs["skipped"] == (1.0 if enabled else 0.0)
+    assert unchanged == enabled
+    assert len(t.spikes) == (7 if enabled else 6)  # the skipped value is still pushed
+    # rule: no skip while the window holds <= skip_spike_min values
+    t2 = Trainer(tiny_cfg)
+    t2.spikes.extend([0.01] * 5)
+    assert not t2.is_spike(1.0)
+
+
+def _states(path):
+    ck = load_checkpoint(path, kind="fda-vae")
+    return ck["models"], ck["optimizers"], ck["extra"]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    base = tiny_overrides(tmp_path) + [
+        "train.ckpt_every=2",
+        "train.val_every=2",
+        "train.sample_every=2",
+        "train.val_sampled=true",
+    ]
+    straight = load_config(
+        Config, PKG / "configs" / "demo.yaml", base + ["name=straight", "train.max_steps=4"]
+    )
+    sets = phantom_datasets(straight)
+    r1 = train(straight, datasets=sets)
+    half = load_config(Config, PKG / "configs" / "demo.yaml", base + ["name=split", "train.max_steps=2"])
+    train(half, datasets=sets)
+    full = load_config(Config, PKG / "configs" / "demo.yaml", base + ["name=split", "train.max_steps=4"])
+    r2 = train(full, datasets=sets)
+    assert r2["start"] == 2 and r1["start"] == 0
+    m1, o1, e1 = _states(r1["checkpoint"])
+    m2, o2, e2 = _states(r2["checkpoint"])
+    for net in m1:
+        for k in m1[net]:
+            assert torch.equal(m1[net][k], m2[net][k]), (net, k)
+    assert e1["spikes"] == e2["spikes"] and e1["best_psnr"] == e2["best_psnr"]
+    assert o1["g"]["state"][0]["exp_avg"].equal(o2["g"]["state"][0]["exp_avg"])
+    run = tmp_path / "fda-vae" / "split"
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "config.yaml").is_file()
+    assert (run / "images" / "step_00000004.png").is_file() and (run / "metrics.jsonl").is_file()
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
+    assert val and "psnr_a2b" in val[-1]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=localhost:0",
+        "-m",
+        "fda_vae.cli",
+        "train",
+        "--config",
+        str(PKG / "configs" / "demo.yaml"),
+        *tiny_overrides(tmp_path),
+        "train.max_steps=4",
+        "train.ckpt_every=4",
+        "train.val_every=4",
+        "train.sample_every=4",
+        # steps 1-2 update; steps 3-4 are forced "abnormal" and skipped on both ranks
+        # (a DDP forward without backward must not break the next iteration)
+        "train.skip_spike_min=1",
+        "train.skip_spike_factor=0.0",
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ck = tmp_path / "fda-vae" / "demo" / "checkpoints" / "step_00000004.pt"
+    models, _, extra = _states(ck)
+    assert set(models) == {"generator", "disc_a", "disc_b"}
+    assert extra["skipped"] == 2 and len(extra["spikes"]) == 4
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_validation_modes(tiny_cfg, sampled):
+    """train.val_sampled (spec §6.3): deterministic −μ (default) vs the official sampled −μ+σε, both
+    repeatable and without touching the global RNG."""
+    tiny_cfg.train.val_sampled = sampled
+    torch.manual_seed(0)
+    _, val = _toy_sets()
+    t = Trainer(tiny_cfg)
+    state = torch.get_rng_state()
+    r1, r2 = t.validate(val, 1), t.validate(val, 1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert r1 == r2 and set(r1) == {"psnr_a2b", "psnr_b2a", "mae_a2b", "mae_b2a"}
+    tiny_cfg.train.val_sampled = not sampled
+    assert t.validate(val, 1)["psnr_a2b"] != r1["psnr_a2b"]
+    # per-slice PSNR, not batch-pooled (spec §6.10)
+    from fda_vae.train import to01
+    from medsynth_core.metrics import psnr
+
+    tiny_cfg.train.val_sampled = False
+    a = torch.stack([val[i]["a"] for i in range(len(val))])
+    b = torch.stack([val[i]["b"] for i in range(len(val))])
+    with torch.no_grad():
+        per = psnr(to01(t.generator.translate(a, "a")), to01(b), 1.0).mean()
+    assert t.validate(val, 1)["psnr_a2b"] == pytest.approx(float(per), rel=1e-6)
