@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 import pickle
 
@@ -184,7 +185,8 @@ def _write_dicom_series(img: sitk.Image, folder) -> None:
         ("0020|0037", "\\".join(str(direction[i]) for i in (0, 3, 6, 1, 4, 7))),
         ("0018|0050", str(img.GetSpacing()[2])),
     ]
-    writer = sitk.ImageFileWriter()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer resets the process locale to "C",
+    writer = sitk.ImageFileWriter()  # which would make later text I/O ASCII-only
     writer.KeepOriginalImageUIDOn()
     for k in range(img.GetDepth()):
         sl = img[:, :, k]
@@ -195,16 +197,20 @@ def _write_dicom_series(img: sitk.Image, folder) -> None:
         sl.SetMetaData("0008|0018", f"{uid}.2.{k + 1}")
         writer.SetFileName(str(folder / f"slice{k:03d}.dcm"))
         writer.Execute(sl)
+    locale.setlocale(locale.LC_ALL, saved_locale)
 
 
 def test_dicom_series_roundtrip(tmp_path):
     arr = RNG.integers(-1000, 2000, size=(6, 5, 4)).astype(np.int16)  # (i, j, k)
     ref = MedicalImage(arr, affine_3d())
+    start = locale.setlocale(locale.LC_ALL)
     try:
         _write_dicom_series(to_sitk(ref), tmp_path / "dcm")
     except RuntimeError as exc:  # pragma: no cover - depends on the GDCM build
         pytest.skip(f"SimpleITK cannot write DICOM here: {exc}")
+    assert locale.setlocale(locale.LC_ALL) == start
     img = read_image(tmp_path / "dcm", dtype=None)
+    assert locale.setlocale(locale.LC_ALL) == start  # reading DICOM leaves the locale alone
     assert img.array.shape == arr.shape
     np.testing.assert_array_equal(img.array.astype(np.int16), arr)
     np.testing.assert_allclose(img.affine, ref.affine, atol=1e-4)
