@@ -2,10 +2,11 @@
 
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from medsynth_core.distributed import torchrun_command
 
 SCRIPT = textwrap.dedent(
     """
@@ -55,8 +56,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
-         "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", str(script)],
+        torchrun_command(str(script)),
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from drdm.config import load
 from drdm.model import sinusoid_table
 from drdm.train import load_network, train
 from medsynth_core.checkpoint import CheckpointError, atomic_torch_save, build_checkpoint, load_checkpoint
+from medsynth_core.distributed import torchrun_command
 
 
 def _cfg(tmp_path, name, *extra):
@@ -89,14 +89,7 @@ def test_3d_training_step(tmp_path):
 @pytest.mark.slow
 def test_torchrun_ddp(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
+    cmd = torchrun_command(
         "-m",
         "drdm.cli",
         "train",
@@ -107,7 +100,7 @@ def test_torchrun_ddp(tmp_path):
         "train.steps=2",
         "train.ckpt_every=2",
         "data.phantom_count=4",
-    ]
+    )
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "drdm" / "ddp" / "checkpoints" / "step_00000002.pt", kind="drdm")

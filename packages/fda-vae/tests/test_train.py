@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from fda_vae.data import ArrayPairDataset, phantom_datasets
 from fda_vae.train import Trainer, train
 from medsynth_core.checkpoint import load_checkpoint
 from medsynth_core.config import load_config
+from medsynth_core.distributed import torchrun_command
 
 from .conftest import PKG, tiny_overrides, toy_pairs
 
@@ -150,14 +150,7 @@ def test_resume_is_bit_exact(tmp_path):
 @pytest.mark.slow
 def test_torchrun_ddp(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
+    cmd = torchrun_command(
         "-m",
         "fda_vae.cli",
         "train",
@@ -172,7 +165,7 @@ def test_torchrun_ddp(tmp_path):
         # (a DDP forward without backward must not break the next iteration)
         "train.skip_spike_min=1",
         "train.skip_spike_factor=0.0",
-    ]
+    )
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     ck = tmp_path / "fda-vae" / "demo" / "checkpoints" / "step_00000004.pt"

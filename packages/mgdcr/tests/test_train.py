@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from medsynth_core.checkpoint import load_checkpoint
 from medsynth_core.cli import UserError
 from medsynth_core.config import ConfigError, load_config
+from medsynth_core.distributed import torchrun_command
 from medsynth_core.io import MedicalImage, write_image
 from mgdcr.config import Config, DataConfig
 from mgdcr.data import SliceDataset, build_datasets, load_cine, normalise_cine, subject_split
@@ -59,14 +59,7 @@ def test_training_writes_samples_and_metrics(tmp_path):
 @pytest.mark.slow
 def test_torchrun_ddp_two_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
+    cmd = torchrun_command(
         "-m",
         "mgdcr.cli",
         "train",
@@ -76,7 +69,7 @@ def test_torchrun_ddp_two_processes(tmp_path):
         "train.steps=2",
         "train.ckpt_every=2",
         "train.sample_every=0",
-    ]
+    )
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = load_checkpoint(tmp_path / "mgdcr" / "micro" / "checkpoints" / "step_00000002.pt", kind="mgdcr")

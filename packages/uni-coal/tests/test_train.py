@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from medsynth_core import checkpoint as C
+from medsynth_core.distributed import torchrun_command
 from uni_coal.train import train
 
 PKG = Path(__file__).resolve().parents[1]
@@ -46,14 +46,7 @@ def test_resume_is_bit_exact(demo_cfg, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
+    cmd = torchrun_command(
         "-m",
         "uni_coal.cli",
         "train",
@@ -63,7 +56,7 @@ def test_torchrun_two_processes(tmp_path):
         "train.max_steps=2",
         "train.ckpt_every=2",
         "loss.lambda_sam=0",
-    ]
+    )
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = C.load_checkpoint(

@@ -203,3 +203,13 @@ def wrap_ddp(module: torch.nn.Module, info: DistInfo, find_unused_parameters: bo
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=ids, find_unused_parameters=find_unused_parameters
     )
+
+
+def torchrun_command(*args: str, nproc_per_node: int = 2) -> list[str]:
+    """The command that runs ``args`` (a script path, or ``"-m", "module", ...``) under torchrun on
+    this machine with ``nproc_per_node`` processes and a free rendezvous port (for launching DDP jobs
+    from Python, e.g. tests)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
+            "--master_port=0", "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", *args]
