@@ -44,6 +44,19 @@ def test_demo_end_to_end(demo_out):
         if k.startswith(("encoder.", "pre_vq_conv.", "codebook.")):
             assert torch.equal(v, s2["models"]["ae"][k]), k
     assert not torch.equal(s1["decoder.conv_first.weight"], s2["models"]["ae"]["decoder.conv_first.weight"])
+    # checklist 15: latents → BiFlowNet (half + resume) → generate → decode gives finite 32³ volumes; ControlNet
+    d = m["diffusion"]
+    assert d["generated_shape"] == [2, 1, 32, 32, 32] and d["generated_finite"]
+    assert -1 <= d["generated_range"][0] <= d["generated_range"][1] <= 1
+    assert d["restored_shape"] == [1, 1, 32, 32, 32] and d["restored_finite"]
+    assert np.isfinite(d["restore"]["psnr"]) and d["restore_task"] == "thick_slice"
+    assert d["steps"]["resumed_biflownet_at"] == 2
+    bf = load_checkpoint(d["checkpoints"]["biflownet"], kind="meddiffusion3d-biflownet")
+    assert bf["step"] == 4 and bf["extra"]["latent_shape"] == [4, 8, 8, 8]
+    assert sum(v.numel() for k, v in bf["models"]["model"].items() if k != "pos_embed") > 400_000
+    cn = load_checkpoint(d["checkpoints"]["controlnet"], kind="meddiffusion3d-controlnet")
+    assert cn["step"] == 2 and any(k.startswith("zero_convs.") for k in cn["models"]["controlnet"])
+    assert m["total_seconds"] < 180
 
 
 @pytest.mark.slow
@@ -145,6 +158,13 @@ def test_summary_prints_exact_counts(capsys):
         32,
         32,
     ]
+    # BiFlowNet 8× (spec §2, checklist 9) and ControlNet v1 (spec §4)
+    bf = s["networks"]["biflownet"]
+    assert (
+        bf["total"] == 157_654_880 and bf["trainable"] == 157_654_880 - 36_864 and bf["dit_path"] == 1_934_856
+    )
+    assert s["networks"]["controlnet_v1"]["total"] == 93_501_720
+    assert s["shapes"]["biflownet_in_out"] == [16, 8, 32, 32, 32] and s["shapes"]["controlnet_controls"] == 6
     assert main(["summary", "--config", str(PAPER), "ae.downsample=4"]) == 0
     assert json.loads(capsys.readouterr().out)["networks"]["autoencoder"]["total"] == 8_485_641
 
@@ -170,8 +190,52 @@ def test_config_errors_name_the_key(capsys, tmp_path):
     assert "data.root" in capsys.readouterr().err
 
 
-def test_part2_verbs_are_not_implemented(capsys):
-    assert main(["generate"]) == 3
+@pytest.mark.slow
+def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
+    m = json.loads((demo_out / "metrics.json").read_text())["diffusion"]
+    bf, cn = m["checkpoints"]["biflownet"], m["checkpoints"]["controlnet"]
+    out = tmp_path / "gen"
+    args = ["generate", "--checkpoint", bf, "--class", "1", "--shape", "32", "32", "32", "--out", str(out)]
+    assert main([*args, "--spacing", "1.5", "1.5", "2.0", "--n", "2", "--steps", "2"]) == 0
+    img = mio.read_image(out / "class1_001.nii.gz")
+    assert img.to_dhw().shape == (32, 32, 32) and np.allclose(np.diag(img.affine), [1.5, 1.5, 2.0, 1.0])
+    assert np.isfinite(img.to_dhw()).all() and (out / "class1_000.png").stat().st_size > 500
+    # a shape whose latent is not a multiple of the BiFlowNet grid, and an unknown class: clear errors
+    bad = ["generate", "--checkpoint", bf, "--class", "1", "--shape", "32", "32", "24", "--out", str(out)]
+    assert main(bad) == 2 and "multiple of" in capsys.readouterr().err
+    assert main([*args[:4], "7", *args[5:]]) == 2 and "outside [0, 2)" in capsys.readouterr().err
+    # restore: the checkpoint's task (thick slices) simulated from a clean target, PSNR/SSIM written
+    vol = json.loads((demo_out / "metrics.json").read_text())
+    target = demo_out / "inputs" / "phantom_000.nii.gz"
+    assert vol["nifti_roundtrip_geometry_ok"]
+    rout = tmp_path / "rest"
+    assert (
+        main(["restore", "--checkpoint", cn, "--target", str(target), "--out", str(rout), "--steps", "2"])
+        == 0
+    )
+    rm = json.loads((rout / "metrics.json").read_text())
+    assert np.isfinite(rm["psnr"]) and -1 <= rm["ssim"] <= 1 and rm["psnr_degraded"] > 15
+    r = mio.read_image(rout / "restored_000.nii.gz")
+    assert r.to_dhw().shape == (32, 32, 32) and np.allclose(np.abs(np.diag(r.affine))[:3], [1.5, 1.5, 2.0])
+    assert (rout / "degraded_000.nii.gz").is_file()
+    # restoring an explicit degraded input works too
+    assert (
+        main(
+            [
+                "restore",
+                "--checkpoint",
+                cn,
+                "--input",
+                str(target),
+                "--out",
+                str(tmp_path / "r2"),
+                "--steps",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert main(["restore", "--checkpoint", cn, "--out", str(tmp_path / "r3")]) == 2
 
 
 def test_convert_official_checkpoint_reproduces_fixture(tmp_path):
@@ -210,3 +274,93 @@ def test_generation_metrics_checklist_13():
     assert pairwise_ms_ssim(torch.cat([smooth, smooth])) == pytest.approx(1.0, abs=1e-5)
     other = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 40, 40, 40, generator=g) * 2 - 1, 5, 1, 2)
     assert pairwise_ms_ssim(torch.cat([smooth, other])) < 0.9
+
+
+def test_convert_official_biflownet_checkpoint_reproduces_fixture(tmp_path, capsys):
+    import argparse
+
+    from meddiffusion3d.train import load_biflownet
+
+    fx = tiny_fixture()["biflownet"]
+    c = fx["constructor"]
+    sd = fx["state_dict"]
+    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in sd.items()}
+    args = argparse.Namespace(
+        model_dim=c["dim"],
+        dim_mults=c["dim_mults"],
+        num_classes=c["cond_classes"],
+        volume_channels=c["channels"],
+        use_attn=c["use_sparse_linear_attn"],
+        timesteps=300,
+        loss_type="l2",
+    )
+    torch.save({"model": sd, "ema": ema, "args": args, "step": 11}, tmp_path / "official.pt")
+    ctor = tmp_path / "ctor.json"
+    ctor.write_text(json.dumps(c))
+    dst = tmp_path / "ours.pt"
+    assert (
+        main(["convert-official", str(tmp_path / "official.pt"), str(dst), "--official-config", str(ctor)])
+        == 0
+    )
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["unmapped"] == 0 and rep["ema"] and rep["step"] == 11
+    net, cfg, ck = load_biflownet(dst, use_ema=False)
+    assert cfg.diffusion.T == 300 and cfg.diffusion.loss == "l2" and cfg.biflownet.sub_volume == 4
+    assert sum(p.numel() for p in net.parameters()) == fx["num_params"]
+    i, o = fx["inputs"], fx["outputs"]
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net(i["x"], i["time"], y=i["y"], res=i["res"]), o["eps"], rtol=1e-4, atol=1e-4
+        )
+    ema_net, _, _ = load_biflownet(dst)  # generate/restore use the EMA weights
+    assert torch.equal(ema_net.stem.weight, sd["init_conv.weight"] + 0.01)
+    # without the constructor the script defaults (8 heads, 24 groups) do not fit: the error names the keys
+    assert main(["convert-official", str(tmp_path / "official.pt"), str(tmp_path / "x.pt")]) == 2
+    assert "official.pt" in capsys.readouterr().err
+    # the same through overrides instead of a constructor file
+    ov = [
+        "biflownet.attn_heads=2",
+        "biflownet.resnet_groups=4",
+        "biflownet.dit_heads=2",
+        "biflownet.sub_volume=4",
+    ]
+    assert main(["convert-official", str(tmp_path / "official.pt"), str(tmp_path / "y.pt"), *ov]) == 0
+    net2, _, _ = load_biflownet(tmp_path / "y.pt", use_ema=False)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net2(i["x"], i["time"], y=i["y"], res=i["res"]), o["eps"], rtol=1e-4, atol=1e-4
+        )
+
+
+@pytest.mark.slow
+def test_controlnet_resume_is_bit_exact_and_base_untouched(demo_out, tmp_path):
+    from md3d_testutils import demo_config
+
+    from meddiffusion3d.train_controlnet import KIND, latest_checkpoint, train_controlnet
+    from medsynth_core.checkpoint import load_checkpoint
+
+    bf = json.loads((demo_out / "metrics.json").read_text())["diffusion"]["checkpoints"]["biflownet"]
+    base_before = {
+        k: v.clone()
+        for k, v in load_checkpoint(bf, kind="meddiffusion3d-biflownet")["models"]["model"].items()
+    }
+
+    def cfg(root, steps):
+        return demo_config(
+            f"run.root={root}", f"controlnet.base={bf}", f"controlnet.steps={steps}", "data.n_volumes=2"
+        )
+
+    train_controlnet(cfg(tmp_path / "a", 2))
+    train_controlnet(cfg(tmp_path / "b", 1))
+    train_controlnet(cfg(tmp_path / "b", 2))
+    a = load_checkpoint(latest_checkpoint(cfg(tmp_path / "a", 2)), kind=KIND)
+    b = load_checkpoint(latest_checkpoint(cfg(tmp_path / "b", 2)), kind=KIND)
+    assert a["step"] == b["step"] == 2
+    for k, v in a["models"]["controlnet"].items():
+        assert torch.equal(v, b["models"]["controlnet"][k]), k
+    # the zero convs left zero after two steps; the base checkpoint file is unchanged
+    assert any(
+        a["models"]["controlnet"][k].abs().sum() > 0 for k in a["models"]["controlnet"] if "zero_conv" in k
+    )
+    after = load_checkpoint(bf, kind="meddiffusion3d-biflownet")["models"]["model"]
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())

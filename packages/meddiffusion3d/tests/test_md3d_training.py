@@ -15,6 +15,8 @@ from medsynth_core.checkpoint import load_checkpoint
 sys.path.insert(0, str(Path(__file__).parent))
 from md3d_testutils import DEMO, demo_config  # noqa: E402
 
+from medsynth_core.distributed import torchrun_command
+
 FAST = ["ae.stage1.disc_start=1", "ae.stage1.ckpt_every=2", "ae.stage1.image_every=100", "data.n_volumes=2"]
 
 
@@ -59,14 +61,7 @@ def test_resume_is_bit_exact(tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=0",
-        "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0",
+    cmd = torchrun_command(
         "-m",
         "meddiffusion3d.cli",
         "train-ae",
@@ -78,7 +73,7 @@ def test_torchrun_two_processes(tmp_path):
         "ae.stage1.steps=2",
         "run.threads=1",
         *FAST,
-    ]
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ck = load_checkpoint(

@@ -1,8 +1,8 @@
 """Command line: ``meddiffusion3d VERB``.
 
-Part 1 (issue #7, the autoencoder): ``train-ae``, ``encode``, ``decode``, ``evaluate``, ``demo``,
-``summary``, ``convert-official``. Part 2 (issue #8) wires ``train``, ``generate``, ``train-controlnet``
-and ``restore``.
+Autoencoder (spec §1): ``train-ae``, ``encode``, ``decode``. Latent diffusion (spec §2–§3): ``train``
+(BiFlowNet on cached latents), ``generate``. ControlNet (spec §4): ``train-controlnet``, ``restore``.
+Shared: ``evaluate``, ``demo``, ``summary``, ``convert-official``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, not_implemented, run_cli
+from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, run_cli
 
 PROG = "meddiffusion3d"
-ISSUE = "#8"
 DESCRIPTION = "3D MedDiffusion: patch-volume VQ autoencoder, BiFlowNet latent diffusion and ControlNet"
 
 
@@ -100,6 +100,115 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ train (BiFlowNet)
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    print(f"run folder: {train(_load_cfg(args), resume=args.resume)}")
+    return 0
+
+
+def _train_cn(args: argparse.Namespace) -> int:
+    from .train_controlnet import train_controlnet
+
+    print(f"run folder: {train_controlnet(_load_cfg(args), resume=args.resume)}")
+    return 0
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (NIfTI + PNG orthogonal views)")
+    p.add_argument(
+        "--ae-checkpoint", default=None, help="autoencoder (default: the one recorded at training)"
+    )
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default=None, help="default: diffusion.sampler")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: diffusion.sample_steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="BiFlowNet checkpoint (train or convert-official)")
+    p.add_argument(
+        "--class", dest="cls", required=True, help="class index or name (e.g. 1 or CTChestAbdomen)"
+    )
+    p.add_argument("--shape", type=int, nargs=3, required=True, metavar=("D", "H", "W"), help="volume shape")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=(1.0, 1.0, 1.0),
+        metavar=("SX", "SY", "SZ"),
+        help="voxel spacing in mm written to the NIfTI (x, y, z; z is the D axis)",
+    )
+    p.add_argument("--n", type=int, default=1, help="number of volumes")
+    _sample_args(p)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generate import Generator, write_volumes
+    from .train import parse_class
+
+    gen = Generator(args.checkpoint, args.ae_checkpoint, args.device)
+    cls = parse_class(args.cls, gen.cfg.biflownet.classes, "--class")
+    vols = gen.generate(cls, args.shape, args.n, args.seed, sampler=args.sampler, steps=args.steps)
+    for f in write_volumes(vols, args.out, f"class{cls}", args.spacing, gen.ae_cfg):
+        print(f)
+    return 0
+
+
+def _restore_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="ControlNet checkpoint (train-controlnet)")
+    p.add_argument("--input", default=None, help="degraded volume (NIfTI/NRRD/MHA)")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="clean volume: PSNR/SSIM reference; without --input it is degraded with the checkpoint's task",
+    )
+    p.add_argument(
+        "--base", default=None, help="BiFlowNet checkpoint (default: the one recorded at training)"
+    )
+    _sample_args(p)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from medsynth_core.atomic import atomic_write_text
+
+    from .data import load_volume
+    from .generate import write_volumes
+    from .train_controlnet import Restorer, restoration_metrics, simulate
+
+    if not (args.input or args.target):
+        raise UserError("restore needs --input (a degraded volume) and/or --target (a clean one to degrade)")
+    r = Restorer(args.checkpoint, args.base, args.ae_checkpoint, args.device)
+    dc = r.gen.ae_cfg.data
+    src = args.input or args.target
+    vol, img = load_volume(src, dc)
+    target = None
+    if args.target:
+        t, _ = load_volume(args.target, dc)
+        target = torch.from_numpy(t)[None, None].to(args.device)
+    degraded = torch.from_numpy(vol)[None, None].to(args.device) if args.input else simulate(target, r.cfg)
+    if target is not None and target.shape != degraded.shape:
+        raise UserError(
+            f"--target shape {tuple(target.shape[2:])} differs from --input {tuple(degraded.shape[2:])}"
+        )
+    restored = r.restore(degraded, args.seed, args.sampler, args.steps)
+    spacing = np.abs(np.diag(img.affine)[:3])
+    files = write_volumes(restored, args.out, "restored", spacing, r.gen.ae_cfg, img.affine)
+    if not args.input:
+        files += write_volumes(degraded, args.out, "degraded", spacing, r.gen.ae_cfg, img.affine)
+    if target is not None:
+        m = restoration_metrics(restored, target, degraded)
+        atomic_write_text(Path(args.out) / "metrics.json", json.dumps(m, indent=2))
+        print(json.dumps(m, indent=2))
+    for f in files:
+        print(f)
+    return 0
+
+
 # --------------------------------------------------------------------------------------- evaluate
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="autoencoder checkpoint: reconstruction PSNR/SSIM/MAE")
@@ -180,20 +289,42 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     m = run_demo(args.out)
-    print(json.dumps({k: m[k] for k in ("stage1", "stage2", "total_seconds")}, indent=2))
+    d = m["diffusion"]
+    short = {k: d[k] for k in ("generated_shape", "generated_finite", "restore_task", "restore")}
+    print(
+        json.dumps(
+            {
+                **{k: m[k] for k in ("stage1", "stage2")},
+                "diffusion": short,
+                "total_seconds": m["total_seconds"],
+            },
+            indent=2,
+        )
+    )
     print(f"written: {args.out}/figure.png, {args.out}/metrics.json")
     return 0
 
 
 def summarize(cfg) -> dict:
+    import torch
+
     from medsynth_core.training import count_parameters
 
-    from .config import build_autoencoder, build_discriminator
+    from .config import build_autoencoder, build_biflownet, build_discriminator
+    from .controlnet import ControlNet
 
     ae, disc = build_autoencoder(cfg.ae), build_discriminator(cfg.ae)
     p, ds, e = cfg.data.patch, cfg.ae.downsample, cfg.ae.embedding_dim
+    with torch.device("meta"):  # counts only: no memory, no init cost (157 M + 93 M parameters at paper size)
+        bf = build_biflownet(cfg.biflownet)
+        cc = cfg.controlnet
+        cn = ControlNet(bf.config, cc.hint_channels, cc.variant)
+    lat = [256 // ds] * 3
+    lat = [-(-s // m) * m for s, m in zip(lat, bf.shape_multiple)]
     return {
         "networks": {
+            "biflownet": {**count_parameters(bf), "dit_path": bf.dit_parameters()},
+            f"controlnet_{cc.variant}": count_parameters(cn),
             "autoencoder": count_parameters(ae),
             "encoder": count_parameters(ae.encoder),
             "decoder": count_parameters(ae.decoder),
@@ -207,6 +338,10 @@ def summarize(cfg) -> dict:
             "latent_per_patch": [e, p // ds, p // ds, p // ds],
             "volume_256_latent": [e, 256 // ds, 256 // ds, 256 // ds],
             "decoder_out_per_patch": [cfg.ae.image_channels, p, p, p],
+            "biflownet_in_out": [cfg.train.batch, cfg.biflownet.channels, *lat],
+            "biflownet_latent_multiple": list(bf.shape_multiple),
+            "controlnet_hint": [cfg.train.batch, cc.hint_channels, *lat],
+            "controlnet_controls": len(cn.level_channels) + 1,
         },
     }
 
@@ -222,30 +357,48 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="official PatchVolume Lightning checkpoint (.ckpt)")
+    p.add_argument(
+        "src",
+        help="official PatchVolume Lightning checkpoint (.ckpt) or BiFlowNet training checkpoint (.pt; both are "
+        "read with weights_only=False: convert only files you trust)",
+    )
     p.add_argument("dst", help="output medsynth checkpoint (.pt)")
     p.add_argument(
         "--official-config",
         default=None,
-        help="official config/PatchVolume_*.yaml (needed when the .ckpt has no hyper_parameters)",
+        help="official config/PatchVolume_*.yaml (needed when the .ckpt has no hyper_parameters); for BiFlowNet "
+        "a JSON/YAML of the official BiFlowNet(...) constructor kwargs when they differ from the script defaults",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="BiFlowNet: config overrides (biflownet.k=v)"
     )
 
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    print(json.dumps(convert_checkpoint(args.src, args.dst, args.official_config), indent=2))
+    print(json.dumps(convert_checkpoint(args.src, args.dst, args.official_config, args.overrides), indent=2))
     return 0
 
 
 VERBS = [
-    Verb("train", "train the BiFlowNet latent diffusion model (issue #8)", not_implemented(PROG, ISSUE)),
+    Verb(
+        "train",
+        "train BiFlowNet on cached latents (train.latents + train.manifest)",
+        _train,
+        add_train_arguments,
+    ),
     Verb("train-ae", "train the patch-volume autoencoder (--stage 1|2)", _train_ae, _train_ae_args),
     Verb("encode", "encode volumes to normalised latent files", _encode, _encode_args),
     Verb("decode", "decode latent files to volumes (NIfTI + PNG)", _decode, _decode_args),
-    Verb("train-controlnet", "train a ControlNet for a degraded-input task", not_implemented(PROG, ISSUE)),
-    Verb("generate", "sample new volumes of a class and shape", not_implemented(PROG, ISSUE)),
-    Verb("restore", "restore a degraded volume with a trained ControlNet", not_implemented(PROG, ISSUE)),
+    Verb(
+        "train-controlnet",
+        "train a ControlNet for a degraded-input task (controlnet.base, controlnet.task)",
+        _train_cn,
+        add_train_arguments,
+    ),
+    Verb("generate", "sample new volumes of a class and shape (NIfTI + PNG)", _generate, _generate_args),
+    Verb("restore", "restore a degraded volume with a trained ControlNet", _restore, _restore_args),
     Verb(
         "evaluate",
         "AE reconstruction PSNR/SSIM/MAE; FID/MMD/MS-SSIM of generated volumes",
@@ -254,7 +407,7 @@ VERBS = [
     ),
     Verb(
         "demo",
-        "train the AE stages briefly on the phantom, resume once, encode/decode, evaluate",
+        "whole chain on the phantom: AE stages (resumed), latents, BiFlowNet (resumed), generate, ControlNet restore",
         _demo,
         demo_arguments(PROG),
     ),

@@ -1,14 +1,14 @@
 """Typed config of the package (YAML via ``medsynth_core.config``; unknown keys are errors).
 
 Sections: ``data``, ``ae`` (patch-volume autoencoder, both stages), ``run`` (run folder, seed, device),
-``infer`` (chunked encode / tiled decode). ``biflownet``, ``diffusion``, ``train`` and ``controlnet`` are
-the extension points of part 2 (issue #8): free-form mappings here, to be replaced by typed sections.
+``infer`` (chunked encode / tiled decode), ``biflownet`` (denoiser, spec §2), ``diffusion`` (spec §3),
+``train`` (BiFlowNet on cached latents) and ``controlnet`` (spec §4).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from medsynth_core.config import require
 
@@ -124,16 +124,109 @@ class RunConfig:
 
 
 @dataclass
+class BiFlowNetConfig:
+    """``BiFlowNet(**asdict(cfg))`` (spec §2); defaults are the paper's 8× model (157,654,880 parameters)."""
+
+    channels: int = 8  # latent channels (= ae.embedding_dim)
+    dim: int = 72
+    dim_mults: tuple[int, ...] = (1, 1, 2, 4, 8)
+    use_attn: tuple[int, ...] = (0, 0, 0, 1, 1)
+    attn_heads: int = 8
+    attn_dim_head: int = 32
+    resnet_groups: int = 24
+    classes: int = 7  # 0 CTHeadNeck … 6 MRKnee (biflownet.CLASS_NAMES)
+    res_condition: bool = True
+    sub_volume: int = 8  # latent sub-volume edge of one DiT sequence
+    dit_patch: int = 1  # 1 for 8×, 2 for 4×
+    dit_heads: int = 8
+    mlp_ratio: float = 4.0
+    num_mid_dit: int = 1
+    learn_sigma: bool = False
+    init_kernel_size: int = 3
+    null_class: bool = False  # extra "no class" row for classifier-free guidance (off: official)
+
+    def __post_init__(self) -> None:
+        require(len(self.dim_mults) == len(self.use_attn), "use_attn", "needs one entry per dim_mults level")
+        require(self.classes > 0, "classes", "must be > 0")
+        require(self.sub_volume % self.dit_patch == 0, "sub_volume", "must be a multiple of dit_patch")
+
+
+@dataclass
+class DiffusionConfig:
+    T: int = 1000  # diffusion steps
+    schedule: Literal["cosine"] = "cosine"
+    loss: Literal["l1", "l2"] = "l1"  # l1: official/released weights; l2: the paper's formula
+    sampler: Literal["ddpm", "ddim"] = "ddpm"  # paper samples: ancestral DDPM over all T steps
+    sample_steps: int = 100  # DDIM steps
+    eta: float = 0.0  # DDIM eta
+    clip_denoised: bool = True  # clamp x̂₀ to [-1, 1]
+    guidance_scale: float = 1.0  # classifier-free guidance (needs biflownet.null_class; 1 = off)
+    cond_drop_prob: float = 0.0  # class dropout during training (needs biflownet.null_class)
+    ema: float = 0.995  # model EMA decay
+    ema_every: int = 10  # EMA applied every N steps
+    ema_start: int = 2000  # plain copy before this step
+
+    def __post_init__(self) -> None:
+        require(self.T > 1, "T", "must be > 1")
+        require(self.sample_steps > 0, "sample_steps", "must be > 0")
+        require(0 <= self.cond_drop_prob < 1, "cond_drop_prob", "must be in [0, 1)")
+        require(0 < self.ema < 1, "ema", "must be in (0, 1)")
+        require(self.ema_every > 0, "ema_every", "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    latents: str | None = None  # folder of *.latent.pt written by `meddiffusion3d encode`
+    manifest: str | None = None  # CSV (name,class) or JSON {name: class}; classes as index or name
+    autoencoder: str | None = None  # AE checkpoint that wrote the latents (used by generate)
+    steps: int = 1_000_000
+    batch: int = 16  # latents per process
+    lr: float = 1e-4  # Adam, default betas, constant
+    amp: bool = True  # fp16/bf16 autocast + GradScaler on CUDA; no-op on CPU
+    ckpt_every: int = 500
+    log_every: int = 100
+    threads: int = 0  # torch CPU threads (0: run.threads)
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.steps > 0, "steps", "must be > 0")
+        require(self.batch > 0, "batch", "must be > 0")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
+        require(self.log_every > 0, "log_every", "must be > 0")
+
+
+@dataclass
+class ControlNetConfig:
+    variant: Literal["v1", "v2"] = "v1"  # v1: encoded hint (cldm); v2: image hint, no DiT clone
+    hint_channels: int = 8  # v1: latent channels; v2: image channels (1)
+    task: Literal["thick_slice", "sparse_view_ct", "limited_angle_ct", "kspace"] = "sparse_view_ct"
+    task_params: dict[str, float] = field(default_factory=dict)  # degrade.degrade keyword arguments
+    class_label: int = 0  # y for every fine-tuning sample (official: 0)
+    base: str | None = None  # BiFlowNet checkpoint (its EMA weights are the frozen base)
+    steps: int = 10_000
+    batch: int = 1
+    lr: float = 1e-4  # Adam (not given by the authors)
+    control_scales: tuple[float, ...] = (1.0,)  # one value for all, or one per level + mid
+    ckpt_every: int = 500
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        require(self.hint_channels > 0, "hint_channels", "must be > 0")
+        require(self.steps > 0 and self.batch > 0, "steps", "and batch must be > 0")
+        require(self.lr > 0, "lr", "must be > 0")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     ae: AEConfig = field(default_factory=AEConfig)
     run: RunConfig = field(default_factory=RunConfig)
     infer: InferConfig = field(default_factory=InferConfig)
-    # part 2 (issue #8) extension points, not used by the autoencoder
-    biflownet: dict[str, Any] = field(default_factory=dict)
-    diffusion: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    controlnet: dict[str, Any] = field(default_factory=dict)
+    biflownet: BiFlowNetConfig = field(default_factory=BiFlowNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)
 
 
 def build_autoencoder(ae: AEConfig):
@@ -163,3 +256,25 @@ def build_discriminator(ae: AEConfig):
     from .discriminator import NLayerDiscriminator3D
 
     return NLayerDiscriminator3D(ae.image_channels, ae.disc_channels, ae.disc_layers)
+
+
+def build_biflownet(cfg: BiFlowNetConfig):
+    from dataclasses import asdict
+
+    from .biflownet import BiFlowNet
+
+    return BiFlowNet(**asdict(cfg))
+
+
+def build_diffusion(cfg: Config):
+    from .diffusion import GaussianDiffusion
+
+    d = cfg.diffusion
+    return GaussianDiffusion(
+        timesteps=d.T,
+        loss=d.loss,
+        schedule=d.schedule,
+        clip_denoised=d.clip_denoised,
+        cond_drop_prob=d.cond_drop_prob,
+        null_class=cfg.biflownet.classes if cfg.biflownet.null_class else None,
+    )

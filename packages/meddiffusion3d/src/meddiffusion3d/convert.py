@@ -2,6 +2,8 @@
 
 * ``config_from_official(cfg)``: the official ``config/PatchVolume_{4x,8x}[_s2].yaml`` (``model:`` +
   ``dataset:``; an OmegaConf dump or plain dict) → override mapping for :class:`~.config.Config`.
+* ``convert_biflownet_checkpoint``: an official BiFlowNet training checkpoint (``model``/``ema``/``args``) →
+  a ``train``-style checkpoint (spec §2 key mapping in ``biflownet.py``).
 * ``convert_state_dict(sd)``: Lightning ``state_dict`` (or the whole ``.ckpt``) → ``{"ae": …, "disc": …}``.
   Module names are the official ones, so the AE and discriminator keys map one to one; the frozen
   LPIPS copy (``perceptual_loss.*``) is dropped and listed; the codebook gets its ``initialized`` flag
@@ -142,10 +144,16 @@ def load_official(ckpt_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def convert_checkpoint(
-    src: str | os.PathLike, dst: str | os.PathLike, official_config: str | os.PathLike | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    official_config: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Convert an official ``.ckpt`` to a medsynth checkpoint (``kind=meddiffusion3d-ae``)."""
+    """Convert an official ``.ckpt`` to a medsynth checkpoint (``kind=meddiffusion3d-ae``); official BiFlowNet
+    checkpoints are recognised and go to :func:`convert_biflownet_checkpoint`."""
     raw = load_official(src)
+    if is_official_biflownet(raw):
+        return convert_biflownet_checkpoint(src, dst, official_config, overrides, raw=raw)
     cfg_src = None
     if official_config is not None:
         import yaml
@@ -183,3 +191,103 @@ def convert_checkpoint(
     )
     atomic_torch_save(ckpt, dst)
     return {"dst": str(dst), "step": step, **{k: len(v) for k, v in report.items()}}
+
+
+# ------------------------------------------------------------------------------------------- BiFlowNet
+BIFLOWNET_KIND = "meddiffusion3d-biflownet"
+
+
+def is_official_biflownet(raw: Any) -> bool:
+    """Official BiFlowNet training checkpoints hold ``model`` (a state dict with ``init_conv.weight``)."""
+    if not isinstance(raw, Mapping):
+        return False
+    sd = raw["model"] if isinstance(raw.get("model"), Mapping) else raw
+    return any(str(k).removeprefix("module.") == "init_conv.weight" for k in sd)
+
+
+def biflownet_config_from_official(
+    out: Mapping[str, Any], constructor: Mapping[str, Any] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Our :class:`Config` for a converted BiFlowNet: the official constructor kwargs (a fixture/``BiFlowNet(...)``
+    call, when given) or the training ``args``, then ``key=value`` overrides."""
+    from medsynth_core.config import parse_overrides
+
+    from .biflownet import from_official_kwargs
+
+    kw = dict(from_official_kwargs(**constructor) if constructor else out["model_kwargs"])
+    sv = kw.get("sub_volume")
+    if isinstance(sv, (tuple, list)):
+        if len(set(sv)) != 1:
+            raise UserError(f"anisotropic sub-volume {tuple(sv)} is not supported by the config (one edge)")
+        kw["sub_volume"] = int(sv[0])
+    kw = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}
+    d = out["diffusion_kwargs"]
+    data = merge_dicts(
+        config_to_dict(Config()),
+        {"biflownet": kw, "diffusion": {"T": int(d["timesteps"]), "loss": str(d["loss"])}},
+    )
+    data = merge_dicts(data, parse_overrides(overrides or []))
+    return config_from_dict(Config, data, source="converted official BiFlowNet")
+
+
+def convert_biflownet_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    official_config: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    raw: Any = None,
+) -> dict[str, Any]:
+    """Official BiFlowNet checkpoint (``{"model", "ema", "args", ...}``, read with ``weights_only=False``: only
+    convert files you trust) → a ``meddiffusion3d train``-style checkpoint (model + EMA; ``generate`` uses the EMA).
+
+    ``official_config``: a JSON/YAML file of official ``BiFlowNet(...)`` constructor kwargs, for models whose sizes
+    differ from the training script's defaults (heads, groups, sub-volume); ``overrides``: ``biflownet.k=v``."""
+    import json
+
+    import yaml
+
+    from .biflownet import convert_official_biflownet_checkpoint
+    from .config import build_biflownet
+    from .diffusion import ModelEMA
+
+    raw = load_official(src) if raw is None else raw
+    out = convert_official_biflownet_checkpoint(raw)
+    ctor = None
+    if official_config is not None:
+        text = Path(official_config).read_text()
+        ctor = json.loads(text) if str(official_config).endswith(".json") else yaml.safe_load(text)
+        ctor = ctor.get("constructor", ctor)
+    cfg = biflownet_config_from_official(out, ctor, overrides)
+    if out["unmapped"]:
+        print(f"unmapped keys ({len(out['unmapped'])}): {', '.join(out['unmapped'][:20])}")
+    from medsynth_core.checkpoint import load_module_state
+
+    try:
+        model = build_biflownet(cfg.biflownet)
+        load_module_state(model, out["model"], source=f"{src} [model]")
+    except (AssertionError, ValueError, RuntimeError) as exc:
+        raise UserError(
+            f"{src}: the weights do not fit BiFlowNet({cfg.biflownet}) built from the checkpoint's args ({exc}); "
+            "pass --official-config with the official BiFlowNet(...) constructor kwargs, or biflownet.k=v overrides"
+        ) from exc
+    ema = ModelEMA(model, cfg.diffusion.ema, cfg.diffusion.ema_every, cfg.diffusion.ema_start)
+    if out["ema"] is not None:
+        load_module_state(ema.module, out["ema"], source=f"{src} [ema]")
+    step = int(raw.get("step", raw.get("train_steps", 0)) or 0) if isinstance(raw, Mapping) else 0
+    ckpt = build_checkpoint(
+        kind=BIFLOWNET_KIND,
+        step=step,
+        models={"model": model},
+        emas={"ema": ema},
+        config=config_to_dict(cfg),
+        include_rng=False,
+        extra={"converted_from": str(src), "unmapped": out["unmapped"], "has_ema": out["ema"] is not None},
+    )
+    atomic_torch_save(ckpt, dst)
+    return {
+        "dst": str(dst),
+        "kind": BIFLOWNET_KIND,
+        "step": step,
+        "unmapped": len(out["unmapped"]),
+        "ema": out["ema"] is not None,
+    }

@@ -1,0 +1,239 @@
+"""BiFlowNet training on cached latents (spec §2 "Training", §3; official ``train_BiFlowNet_SingleRes.py``).
+
+Latents come from ``meddiffusion3d encode`` (normalised un-quantised patch latents, spec §1.4); class labels
+from a manifest (CSV ``name,class`` or JSON ``{name: class}``, class as index or a :data:`CLASS_NAMES` name).
+Adam 1e-4 (default betas, constant), fp16 AMP + GradScaler on CUDA with backward **outside** autocast and a
+DistributedSampler-equivalent split (spec §6.9 fixes), model EMA (spec checklist 14), checkpoints through
+medsynth-core (model, EMA, optimiser, scaler, RNG) that resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from medsynth_core import checkpoint as C
+from medsynth_core import distributed as D
+from medsynth_core import training as T
+from medsynth_core.cli import UserError
+from medsynth_core.config import config_to_dict
+
+from .biflownet import CLASS_NAMES, resolution_code
+from .config import Config, build_biflownet, build_diffusion
+from .diffusion import ModelEMA
+from .infer import read_latent
+
+log = logging.getLogger("meddiffusion3d")
+KIND = "meddiffusion3d-biflownet"
+PACKAGE = "meddiffusion3d"
+
+
+def parse_class(value: str | int, n_classes: int, source: str = "class") -> int:
+    """A class index, or one of :data:`CLASS_NAMES` (paper classes), checked against ``n_classes``."""
+    s = str(value).strip()
+    if s.lstrip("-").isdigit():
+        c = int(s)
+    else:
+        names = {n.lower(): i for i, n in enumerate(CLASS_NAMES)}
+        if s.lower() not in names:
+            raise UserError(f"{source}: unknown class {s!r}; use an index or one of {list(CLASS_NAMES)}")
+        c = names[s.lower()]
+    if not 0 <= c < n_classes:
+        raise UserError(f"{source}: class {c} is outside [0, {n_classes}) (biflownet.classes={n_classes})")
+    return c
+
+
+def read_manifest(path: str | Path, n_classes: int) -> dict[str, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: class manifest not found (set train.manifest=...)")
+    if path.suffix.lower() == ".json":
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: JSON manifest must be an object {{name: class}}")
+        items = list(raw.items())
+    else:
+        with path.open(newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
+        if rows and rows[0][0].strip().lower() in ("name", "file", "case"):
+            rows = rows[1:]
+        bad = [r for r in rows if len(r) < 2]
+        if bad:
+            raise UserError(f"{path}: every CSV row needs 'name,class', got {bad[0]}")
+        items = [(r[0].strip(), r[1]) for r in rows]
+    out = {}
+    for name, c in items:
+        stem = Path(str(name)).name.split(".")[0]
+        out[stem] = parse_class(c, n_classes, f"{path} [{name}]")
+    return out
+
+
+class LatentDataset(Dataset):
+    """``(latent (C, d, h, w), class)`` pairs from ``*.latent.pt`` files; all latents must share one grid."""
+
+    def __init__(self, folder: str | Path | None, manifest: str | Path | None, n_classes: int, channels: int):
+        if not folder:
+            raise UserError("train.latents is not set: encode a dataset with `meddiffusion3d encode` first")
+        folder = Path(folder)
+        self.files = sorted(folder.glob("*.latent.pt")) if folder.is_dir() else []
+        if not self.files:
+            raise UserError(f"{folder}: no *.latent.pt files (write them with `meddiffusion3d encode`)")
+        if manifest:
+            classes = read_manifest(manifest, n_classes)
+        elif n_classes == 1:
+            classes = {}
+        else:
+            raise UserError("train.manifest is not set: give a CSV name,class or JSON {name: class}")
+        self.labels, shapes, norms = [], set(), set()
+        for f in self.files:
+            name = f.name.removesuffix(".latent.pt")
+            if manifest and name not in classes:
+                raise UserError(f"{manifest}: no class for latent {f.name} (add a row '{name},<class>')")
+            self.labels.append(classes.get(name, 0))
+        first = read_latent(self.files[0])
+        for f in self.files:
+            d = read_latent(f)
+            shapes.add(tuple(d["latent"].shape))
+            norms.add(tuple(float(v) for v in d["norm"]))
+        if len(shapes) != 1:
+            raise UserError(
+                f"{folder}: latents have different shapes {sorted(shapes)}; single-resolution training needs "
+                "one shape (crop/resample the volumes to one size before encoding)"
+            )
+        self.shape = shapes.pop()
+        if self.shape[0] != channels:
+            raise UserError(
+                f"{folder}: latents have {self.shape[0]} channels but biflownet.channels={channels}"
+            )
+        if len(norms) != 1:
+            raise UserError(
+                f"{folder}: latents were normalised with different codebook stats {sorted(norms)}"
+            )
+        self.norm = list(norms.pop())
+        self.downsample = int(first["downsample"])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        z = read_latent(self.files[i])["latent"].float()
+        return z, torch.tensor(self.labels[i], dtype=torch.long)
+
+
+def run_dir(cfg: Config, sub: str = "biflownet") -> T.RunDir:
+    return T.RunDir.create(cfg.run.root, PACKAGE, f"{cfg.run.name}/{sub}")
+
+
+def latest_checkpoint(cfg: Config, sub: str = "biflownet") -> Path | None:
+    return C.CheckpointManager(Path(cfg.run.root) / PACKAGE / cfg.run.name / sub / "checkpoints").latest()
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Per-(step, rank) noise/timestep generator: resume-exact and distinct across ranks."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
+
+
+def load_biflownet(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """(model, cfg, ckpt) from a ``train`` or ``convert-official`` BiFlowNet checkpoint, eval mode."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=KIND, map_location=device)
+    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
+    model = build_biflownet(cfg.biflownet)
+    ema = (ckpt.get("emas") or {}).get("ema")
+    state = ema["module"] if use_ema and ema else ckpt["models"]["model"]
+    C.load_module_state(model, state, source=f"{path} [{'ema' if use_ema and ema else 'model'}]")
+    return model.to(device).eval(), cfg, ckpt
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Train BiFlowNet on ``cfg.train.latents``; returns the run folder."""
+    tc, dc = cfg.train, cfg.diffusion
+    T.set_num_threads(tc.threads or cfg.run.threads)
+    with D.distributed_session(cfg.run.device) as info:
+        D.seed_everything(cfg.run.seed)
+        ds = LatentDataset(tc.latents, tc.manifest, cfg.biflownet.classes, cfg.biflownet.channels)
+        device = info.device
+        if device.type == "cuda":  # TF32 matmuls/convs as in the official script (spec §2 "Training")
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        model = build_biflownet(cfg.biflownet).to(device)
+        try:
+            model.check_input(torch.empty(1, *ds.shape, device="meta"))
+        except ValueError as exc:
+            raise UserError(f"{tc.latents}: {exc}") from exc
+        diff = build_diffusion(cfg).to(device)
+        ema = ModelEMA(model, decay=dc.ema, update_every=dc.ema_every, start_step=dc.ema_start)
+        opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
+        scaler = T.grad_scaler(device, tc.amp)
+        run = run_dir(cfg)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
+        resume_path = Path(resume) if resume else mgr.latest()
+        start = 0
+        if resume_path is not None:
+            ck = C.load_checkpoint(resume_path, kind=KIND, map_location=device)
+            start, _ = C.restore_checkpoint(
+                ck,
+                models={"model": model},
+                optimizers={"opt": opt},
+                emas={"ema": ema},
+                scaler=scaler,
+                source=str(resume_path),
+            )
+            log.info("resumed from %s at step %d", resume_path, start)
+        ddp = D.wrap_ddp(model, info)
+        # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data)
+        loader = T.ResumableLoader(ds, tc.batch, seed=cfg.run.seed, num_workers=tc.num_workers)
+        ckpt_cfg = config_to_dict(cfg)
+        extra = {
+            "latent_norm": ds.norm,
+            "latent_shape": list(ds.shape),
+            "downsample": ds.downsample,
+            "autoencoder": tc.autoencoder,
+        }
+
+        def save(step_done: int) -> None:
+            if info.is_main:
+                mgr.save(
+                    C.build_checkpoint(
+                        kind=KIND,
+                        step=step_done,
+                        models={"model": model},
+                        optimizers={"opt": opt},
+                        emas={"ema": ema},
+                        scaler=scaler,
+                        config=ckpt_cfg,
+                        extra=extra,
+                    )
+                )
+
+        model.train()
+        with T.RunLogger(run) as logger:
+            bar = T.progress(loader.iterate(start, tc.steps), total=tc.steps, initial=start, desc="biflownet")
+            for step, (z, y) in bar:
+                z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                g = step_generator(cfg.run.seed, step, info.rank, device)
+                opt.zero_grad(set_to_none=True)
+                with T.autocast(device, tc.amp):
+                    loss = diff.training_loss(
+                        ddp, z, y=y, res=resolution_code(z.shape[2:], z.shape[0], device=device), generator=g
+                    )
+                scaler.scale(loss.float()).backward()  # outside autocast (spec §6.9)
+                scaler.step(opt)
+                scaler.update()
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"biflownet step {step}: loss is {float(loss)}")
+                ema.step(model, step + 1)
+                if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                    logger.log(
+                        step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="biflownet"
+                    )
+                if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+                    save(step + 1)
+        D.barrier()
+    return run.path
