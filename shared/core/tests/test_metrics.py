@@ -497,3 +497,22 @@ def test_extract_features_global_pools_maps():
     assert vec.shape == (5, 64)
     with pytest.raises(ValueError, match="no batches"):
         M.extract_features(net, [])
+
+
+def test_jacobian_forward_scheme():
+    from medsynth_core.metrics import jacobian_determinant
+
+    h, w = 6, 7
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    ddf = torch.stack([0.5 * yy, -0.25 * xx + 0.1 * yy])[None]  # u_H = 0.5 y, u_W = -0.25 x + 0.1 y
+    det = jacobian_determinant(ddf, scheme="forward")
+    assert det.shape == (1, h - 1, w - 1)
+    # J = [[1.5, 0], [0.1, 0.75]] everywhere: forward differences are exact on linear fields
+    torch.testing.assert_close(det, torch.full_like(det, 1.5 * 0.75))
+    bumpy = torch.randn(1, 2, 5, 5, dtype=torch.float64)
+    central = jacobian_determinant(bumpy)
+    forward = jacobian_determinant(bumpy, scheme="forward")
+    assert forward.shape == (1, 4, 4) and not torch.allclose(central[:, :4, :4], forward)
+    with pytest.raises(ValueError, match="scheme"):
+        jacobian_determinant(bumpy, scheme="backward")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medsynth_core.metrics import jacobian_determinant
+
 from .deform import warp
 
 
@@ -63,21 +65,7 @@ def official_negdetj(y: torch.Tensor) -> torch.Tensor:
 
 def true_jacobian_det(y: torch.Tensor) -> torch.Tensor:
     """``det(I + grad(S y))`` with forward differences (the Q7 fix term), ``[B, *(S-1)]``."""
-    nd = y.ndim - 2
-    s = float(y.shape[2])
-    g = [_diff(y * s, a) for a in range(nd)]
-    crop = [
-        g[a][(slice(None), slice(None)) + tuple(slice(0, y.shape[2 + b] - 1) for b in range(nd))]
-        for a in range(nd)
-    ]
-    j = [[crop[d][:, c] + (1.0 if c == d else 0.0) for d in range(nd)] for c in range(nd)]
-    if nd == 2:
-        return j[0][0] * j[1][1] - j[0][1] * j[1][0]
-    return (
-        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
-    )
+    return jacobian_determinant(y * float(y.shape[2]), scheme="forward")
 
 
 def regularisation_loss(

@@ -551,7 +551,11 @@ def hd95(
 # ----------------------------------------------------------------------------------------------
 
 
-def jacobian_determinant(ddf: torch.Tensor, spacing: float | Sequence[float] | None = None) -> torch.Tensor:
+def jacobian_determinant(
+    ddf: torch.Tensor,
+    spacing: float | Sequence[float] | None = None,
+    scheme: Literal["central", "forward"] = "central",
+) -> torch.Tensor:
     """Jacobian determinant ``det(I + grad u)`` of a dense displacement field -> ``(B, *spatial)``.
 
     ``ddf`` is ``(B, ndim, *spatial)`` with ``ndim`` in {2, 3}; channel ``c`` is the displacement
@@ -561,6 +565,9 @@ def jacobian_determinant(ddf: torch.Tensor, spacing: float | Sequence[float] | N
     derivatives are per physical unit. Derivatives use ``torch.gradient`` (central differences in
     the interior, one-sided first-order differences at the borders, ``edge_order=1``), so every
     spatial size must be >= 2. A zero field gives 1 everywhere; values <= 0 indicate folding.
+
+    ``scheme="forward"`` uses forward differences ``u[i+1] - u[i]`` instead (as some registration
+    losses do) and returns the ``(B, *(spatial - 1))`` grid where all of them are defined.
     """
     if ddf.ndim < 4:
         raise ValueError(f"jacobian_determinant: expected (B, ndim, *spatial), got {tuple(ddf.shape)}")
@@ -582,7 +589,13 @@ def jacobian_determinant(ddf: torch.Tensor, spacing: float | Sequence[float] | N
         steps = [float(s) for s in spacing]
         if len(steps) != nd:
             raise ValueError(f"jacobian_determinant: spacing needs {nd} values, got {len(steps)}")
-    grads = torch.gradient(ddf, spacing=steps, dim=tuple(range(2, 2 + nd)), edge_order=1)
+    if scheme == "central":
+        grads = torch.gradient(ddf, spacing=steps, dim=tuple(range(2, 2 + nd)), edge_order=1)
+    elif scheme == "forward":
+        inner = (slice(None), slice(None)) + tuple(slice(0, n - 1) for n in ddf.shape[2:])
+        grads = [(torch.diff(ddf, dim=2 + a) / steps[a])[inner] for a in range(nd)]
+    else:
+        raise ValueError(f"jacobian_determinant: scheme must be 'central' or 'forward', got {scheme!r}")
     # j[c][d] = d(x_c + u_c) / d x_d
     j = [[grads[d][:, c] + (1.0 if c == d else 0.0) for d in range(nd)] for c in range(nd)]
     if nd == 2:
