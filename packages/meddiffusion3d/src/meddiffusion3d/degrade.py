@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from medsynth_core.phantoms import thick_slices
+
 __all__ = [
     "TASKS",
     "ParallelBeamProjector",
@@ -50,9 +52,7 @@ def thick_slice(vol: torch.Tensor, factor: int, axis: int = 2, mode: str = "tril
         raise ValueError(
             f"volume size {n} along axis {axis} is not a multiple of the thick-slice factor {factor}"
         )
-    kernel = [1, 1, 1]
-    kernel[axis - 2] = factor
-    thick = F.avg_pool3d(vol, kernel_size=kernel, stride=kernel)
+    thick = thick_slices(vol, factor, axis=axis)  # box slice profile: block means
     if mode == "nearest":
         return thick.repeat_interleave(factor, dim=axis)
     if mode != "trilinear":

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsynth_core.training import ema_decay_from_half_life
+
 from . import ops
 
 
@@ -86,9 +88,8 @@ def g_loss(
     return out
 
 
-def ema_beta(batch_size: int, half_life_images: float) -> float:
-    """beta = 0.5 ** (batch / half_life) (spec §4: 0.5^(16/10000) for the paper)."""
-    return 0.5 ** (batch_size / max(half_life_images, 1e-8))
+# EMA beta = 0.5 ** (batch / half_life) (spec §4: 0.5^(16/10000) for the paper)
+ema_beta = ema_decay_from_half_life
 
 
 def lr_factor(epoch: int, policy: str, n_epochs: int, n_epochs_decay: int) -> float:
