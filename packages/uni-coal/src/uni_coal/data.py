@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medsynth_core.cli import UserError
+from medsynth_core.io import H5ArrayReader
 from medsynth_core.training import index_rng
 
 from .config import DataConfig
@@ -200,8 +201,6 @@ def load_h5_volumes(
 ):
     """Read ``root/*.h5`` (or the names in ``list_file``) with datasets ``keys`` (IXI T1/T2/PD, BraTS
     t1/t2/flair, ADNI flair/t1 or t1_lr4sr/t1_hr4sr: the layout is set by the keys)."""
-    import h5py
-
     root = Path(root)
     if list_file is not None:
         lf = Path(list_file)
@@ -221,13 +220,13 @@ def load_h5_volumes(
     for f in files:
         if not f.is_file():
             raise UserError(f"{f}: listed in the split file but missing")
-        with h5py.File(f, "r") as h:
+        with H5ArrayReader(f) as h:
             missing = [k for k in keys if k not in h]
             if missing:
                 raise UserError(
                     f"{f}: missing datasets {missing} (has {sorted(h.keys())}); check data.modalities"
                 )
-            v = {k: np.asarray(h[k][()]) for k in keys}
+            v = {k: h[k] for k in keys}
             names.append(f.stem)
         shapes = {k: a.shape for k, a in v.items()}
         if len(set(shapes.values())) != 1 or any(a.ndim != 3 for a in v.values()):
