@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,35 +24,10 @@ from meddiffusion3d.biflownet import (
     timestep_embedding,
 )
 
-REF = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference" / "meddiffusion3d"
-
-# spec §8 demo sizes
-DEMO = dict(
-    channels=4,
-    dim=12,
-    dim_mults=(1, 1, 2),
-    use_attn=(0, 0, 1),
-    attn_heads=2,
-    resnet_groups=4,
-    dit_heads=2,
-    sub_volume=4,
-    dit_patch=1,
-    num_mid_dit=1,
-    classes=2,
-    res_condition=True,
-)
-# the paper's structure (5 levels, attention at the two deepest, 8³ sub-volumes) at a CPU-friendly width
-PAPER_STRUCTURE = dict(
-    channels=8,
-    dim=12,
-    dim_mults=(1, 1, 2, 4, 8),
-    use_attn=(0, 0, 0, 1, 1),
-    attn_heads=2,
-    resnet_groups=4,
-    dit_heads=2,
-    sub_volume=8,
-    classes=7,
-)
+sys.path.insert(0, str(Path(__file__).parent))
+from md3d_testutils import BIFLOW_DEMO as DEMO  # noqa: E402
+from md3d_testutils import BIFLOW_PAPER_STRUCTURE as PAPER_STRUCTURE
+from md3d_testutils import REF
 
 
 def _randomize(net: torch.nn.Module, std: float = 0.05, seed: int = 0) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,31 +21,9 @@ from meddiffusion3d.degrade import (
 )
 from meddiffusion3d.diffusion import GaussianDiffusion
 
-DEMO = dict(
-    channels=4,
-    dim=12,
-    dim_mults=(1, 1, 2),
-    use_attn=(0, 0, 1),
-    attn_heads=2,
-    resnet_groups=4,
-    dit_heads=2,
-    sub_volume=4,
-    dit_patch=1,
-    num_mid_dit=1,
-    classes=2,
-    res_condition=True,
-)
-PAPER_STRUCTURE = dict(
-    channels=8,
-    dim=12,
-    dim_mults=(1, 1, 2, 4, 8),
-    use_attn=(0, 0, 0, 1, 1),
-    attn_heads=2,
-    resnet_groups=4,
-    dit_heads=2,
-    sub_volume=8,
-    classes=7,
-)
+sys.path.insert(0, str(Path(__file__).parent))
+from md3d_testutils import BIFLOW_DEMO as DEMO  # noqa: E402
+from md3d_testutils import BIFLOW_PAPER_STRUCTURE as PAPER_STRUCTURE
 
 
 def _perturbed(kw, seed=0):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,21 +12,9 @@ import torch
 from meddiffusion3d.biflownet import BiFlowNet, resolution_code
 from meddiffusion3d.diffusion import GaussianDiffusion, ModelEMA, cosine_beta_schedule, randn
 
-REF = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference" / "meddiffusion3d"
-DEMO = dict(
-    channels=4,
-    dim=12,
-    dim_mults=(1, 1, 2),
-    use_attn=(0, 0, 1),
-    attn_heads=2,
-    resnet_groups=4,
-    dit_heads=2,
-    sub_volume=4,
-    dit_patch=1,
-    num_mid_dit=1,
-    classes=2,
-    res_condition=True,
-)
+sys.path.insert(0, str(Path(__file__).parent))
+from md3d_testutils import BIFLOW_DEMO as DEMO  # noqa: E402
+from md3d_testutils import REF
 
 
 def _toy_eps(x, t, y=None, res=None, **kw):
