@@ -57,7 +57,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         torchrun_command(str(script)),
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True, text=True, timeout=150, env=env,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DDP-OK" in proc.stdout

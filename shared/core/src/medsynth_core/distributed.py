@@ -57,6 +57,9 @@ def resolve_device(device: str | torch.device | None = None, local_rank: int = 0
     return device
 
 
+_SESSIONS = 0  # process groups this process has created (see init_distributed)
+
+
 def init_distributed(device: str | torch.device | None = None, timeout_s: float = 1800.0) -> DistInfo:
     """Initialise the process group from torchrun's environment, or return single-process info.
 
@@ -71,9 +74,21 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        global _SESSIONS
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torchrun's rendezvous store outlives a process group, and destroy_process_group() resets
+        # torch's group counter, so a second group in the same process would read the first group's
+        # (stale) gloo/NCCL addresses from the store and could hang. A per-session key prefix keeps
+        # the groups apart (every rank runs the same code, so the counters agree).
+        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store.set_timeout(timeout)
+        _SESSIONS += 1
         dist.init_process_group(
             backend=backend,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            store=dist.PrefixStore(f"medsynth_session_{_SESSIONS}", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
