@@ -157,7 +157,11 @@ def test_augment_cmr_sample(ref, tmp_path):
 @torch.no_grad()
 def test_official_recovery_acdc_slice(official_net, ref):
     """Checklist 11: official weights, ACDC slice 5 -> 256^2, T'=48: phi smaller and less folded than Psi_rand,
-    max |S phi| >= 10 % of S."""
+    max |S phi| >= 10 % of S.
+
+    The maximum is a property of one random draw: single draws (seeds 0-4) give 6.9-14.1 % (the spec's own run:
+    14.4 %). It is asserted on the mean over a batch of 4 draws (measured 13.2 %, fold 1.5 %; Psi_rand 15.5 % fold,
+    as in the spec's run), not on a hand-picked seed."""
     from drdm.data import minmax, resize
     from drdm.evaluate import field_stats
 
@@ -165,12 +169,12 @@ def test_official_recovery_acdc_slice(official_net, ref):
     x = minmax(resize(torch.from_numpy(np.asarray(arr, np.float32))[None], 256))[None]
     diff = DeformationDiffusion(ndims=2, img_size=256, resample_mode="bicubic")
     torch.manual_seed(0)
-    rec = recover(official_net, diff, x, 48, padding_mode="zeros")
+    rec = recover(official_net, diff, x.repeat(4, 1, 1, 1), 48, padding_mode="zeros")
     phi, psi = field_stats(rec.phi), field_stats(rec.psi_rand)
     assert phi["mag_mean"] < psi["mag_mean"]
     assert phi["fold"] < psi["fold"]
-    # spec: max |S phi| >= 10 % of S; this seed gives 9.9 % (other seeds 10.1-12.8 %), so 9 % is asserted
-    assert phi["mag_max_pct"] >= 9.0
+    assert phi["fold"] < 0.03  # spec's run: 1.7 %
+    assert phi["mag_max_pct"] >= 10.0
 
 
 def test_augment_3d_volume(tmp_path):
