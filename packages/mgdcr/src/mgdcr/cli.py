@@ -100,6 +100,14 @@ def _add_reconstruct(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="ex10 held-out protocol instead of a full reconstruction: drop a seeded middle SAX slice, fill "
+        "2K-1 slices between its neighbours and score linear/nearest/DiffAE seed/DiffAE+LAX on it (JSON)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="inverse.* overrides, e.g. inverse.K=8")
 
 
@@ -190,10 +198,14 @@ def _reconstruct(args: argparse.Namespace) -> int:
     d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
     prior = DiffAEPrior(model, d, ic.encode_steps, ic.decode_steps, ic.checkpoint, ic.flip_h)
     torch.manual_seed(cfg.seed)
-    res = reconstruct(prior, x[kept], sax_aff, planes, ic, targets=targets)
-    out_aff = output_affine(aff, kept, x.shape[0], ic.K, ic.geometry_from_kept_slices)
     out = Path(args.out)
     stem = Path(args.sax).name.split(".")[0]
+    if args.heldout is not None:
+        return _heldout(
+            args, prior, x[kept], sax_aff, planes, ic, out / f"{stem}_frame_{args.frame}_heldout.json"
+        )
+    res = reconstruct(prior, x[kept], sax_aff, planes, ic, targets=targets)
+    out_aff = output_affine(aff, kept, x.shape[0], ic.K, ic.geometry_from_kept_slices)
     D = res.volume.shape[0]
     path = out / f"{stem}_frame_{args.frame}_final_{D}slice.nii.gz"
     write_image(MedicalImage.from_dhw(res.volume.astype(np.float32), dhw_to_ijk_affine(out_aff)), path)
@@ -204,6 +216,22 @@ def _reconstruct(args: argparse.Namespace) -> int:
     save_panel(out / f"{stem}_frame_{args.frame}_panel.png", x[kept], planes, res.volume, res.seeds)
     (out / f"{stem}_frame_{args.frame}_history.json").write_text(json.dumps(res.history, indent=1))
     print(f"wrote {path} ({res.iterations} iterations)")
+    return 0
+
+
+def _heldout(args, prior, sax, sax_aff, planes, ic, path: Path) -> int:
+    """ex10 protocol (spec §3.10) on real data: needs world-space LAX planes and at least 3 kept slices."""
+    from .evaluate import heldout_slice_eval
+
+    if not planes:
+        raise UserError("--heldout needs LAX views (--lax ...); fork-style --lax-volume is on the full grid")
+    if sax.shape[0] < 3:
+        raise UserError(f"{args.sax}: --heldout needs at least 3 non-empty SAX slices, got {sax.shape[0]}")
+    res = heldout_slice_eval(prior, sax, sax_aff, planes, ic, seed=args.heldout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+    print(f"wrote {path}")
     return 0
 
 
@@ -263,10 +291,23 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ demo / summary
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    demo_arguments(PROG)(p)
+    p.add_argument("--config", default=None, help="demo config (default: the bundled configs/demo.yaml)")
+    p.add_argument(
+        "--prior",
+        default=None,
+        help="use this trained prior checkpoint instead of training the demo prior (e.g. a 2k-step demo run)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. inverse.iterations=30"
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    s = run_demo(args.out)
+    s = run_demo(args.out, config=args.config, overrides=args.overrides, prior=args.prior)
     print(json.dumps(s, indent=2))
     return 0
 
@@ -352,7 +393,7 @@ VERBS = [
         "demo",
         "train briefly on the embedded phantom, resume once, infer, evaluate",
         _demo,
-        demo_arguments(PROG),
+        _add_demo,
     ),
     Verb(
         "summary",

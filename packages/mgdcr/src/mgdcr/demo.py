@@ -52,7 +52,14 @@ def phantom_case(
     }
 
 
-def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    out: str | Path,
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    prior: str | Path | None = None,
+) -> dict:
+    """Train the demo prior (half, checkpoint, resume to the end) or load ``prior``; reconstruct the held-out
+    phantom; compare with z-linear/nearest interpolation and the DiffAE seeds."""
     import torch
 
     from medsynth_core.config import bundled_configs, load_config
@@ -69,13 +76,19 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = Path(config) if config else bundled_configs(__file__) / "demo.yaml"
     cfg = load_config(Config, cfg_path, list(overrides or []) + [f"run_root={out / 'runs'}"])
-    total = cfg.train.steps
-    half = max(1, total // 2)
-    # train half, checkpoint, then resume from that checkpoint to the end (contract: resume once)
-    run = train(replace(cfg, train=replace(cfg.train, steps=half, ckpt_every=half)))
-    run = train(cfg)
-    ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
-    model, _ = load_prior(ckpts[-1])
+    prior_path = str(prior) if prior else None
+    if prior is None:
+        total = cfg.train.steps
+        half = max(1, total // 2)
+        # train half, checkpoint, then resume from that checkpoint to the end (contract: resume once)
+        run = train(replace(cfg, train=replace(cfg.train, steps=half, ckpt_every=half)))
+        run = train(cfg)
+        ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
+        model, pcfg = load_prior(ckpts[-1])
+    else:
+        model, pcfg = load_prior(prior)
+        total = None
+    cfg = replace(cfg, model=pcfg.model, diffusion=pcfg.diffusion)  # the phantom size follows the prior
     t_train = time.time() - t0
 
     ic = cfg.inverse
@@ -98,6 +111,7 @@ def run_demo(out: str | Path, config: str | Path | None = None, overrides: list[
     summary = {
         "config": str(cfg_path),
         "train_steps": total,
+        "prior": prior_path,
         "inverse_iterations": res.iterations,
         "loss_first": h[0]["loss"] if h else None,
         "loss_last": h[-1]["loss"] if h else None,
