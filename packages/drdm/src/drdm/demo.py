@@ -33,7 +33,7 @@ def write_phantoms(folder: Path, ndims: int, size: int, count: int, seed: int = 
     return imgs, labs
 
 
-def deformation_figure(path: Path, items: list[dict]) -> None:
+def deformation_figure(path: Path, items: list[dict], net_steps: int | None = None) -> None:
     """Rows: forward DRDM deformations Psi_rand(T') of the image with warped labels and their Jacobian maps,
     then the recovered deformations phi (the demo network is barely trained) with labels and Jacobian maps."""
 
@@ -63,7 +63,8 @@ def deformation_figure(path: Path, items: list[dict]) -> None:
         ["image"] + [f"Psi_rand T'={it['t_start']}" for it in items],
         ["labels"] + ["warped labels"] * len(items),
         ["detJ [0,2]"] + [fold(it["psi_ddf"]) for it in items],
-        ["labels"] + ["recovered phi"] * len(items),
+        ["labels"]
+        + [f"phi, {net_steps}-step net" if net_steps is not None else "recovered phi"] * len(items),
         ["detJ [0,2]"] + [fold(it["ddf"]) for it in items],
     ]
     save_grid(path, rows, titles=titles, scale=4)
@@ -86,7 +87,7 @@ def run_demo(out: str | Path, overrides: list[str] | tuple[str, ...] = (), downs
     aug = augment_folder(net, cfg, imgs, out / "augmented", labels=labs)
     # figure: the phantom, its DRDM deformations, warped labels and Jacobian maps
     items = aug["preview"]
-    deformation_figure(out / "figure.png", items)
+    deformation_figure(out / "figure.png", items, net_steps=final["step"])
     levels = forward_level_stats(build_diffusion(cfg, sampling=True), [1, 10, 20, 40, 60, 79], seeds=range(2))
     metrics = {
         "train": {
