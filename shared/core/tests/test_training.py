@@ -122,3 +122,13 @@ def test_run_dir_and_logger(tmp_path):
     rows = [json.loads(line) for line in run.metrics.read_text().splitlines()]
     assert rows[0]["step"] == 3 and rows[0]["loss"] == 0.5 and rows[1]["split"] == "val"
     assert any(run.tensorboard.iterdir())
+
+
+def test_due_interval_rule():
+    from medsynth_core.training import due
+
+    assert [d for d in range(1, 11) if due(d, 4, 10)] == [4, 8, 10]
+    assert [d for d in range(1, 11) if due(d, 0, 10)] == [10]
+    assert [d for d in range(1, 4) if due(d, 1, 3)] == [1, 2, 3]
+    with pytest.raises(ValueError, match=">= 0"):
+        due(1, -1, 3)

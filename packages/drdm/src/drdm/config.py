@@ -76,8 +76,8 @@ class TrainConfig:
     true_negdetj_weight: float = 0.0  # optional correct negative-Jacobian penalty (Q7 fix; 0 = faithful)
     seed: int = 0
     ckpt_every: int = 500
-    image_every: int = 500  # 0: a preview at the last step only
-    log_every: int = 10  # 0: log the last step only
+    image_every: int = 500
+    log_every: int = 10  # every *_every: 0 = at the last step only (medsynth_core.training.due)
     keep_last: int = 3
     threads: int = 0  # torch CPU threads (0 = leave as is); 1 is much faster on small CPUs (spec section 5)
     device: str = "auto"
@@ -87,9 +87,8 @@ class TrainConfig:
         require(self.batchsize >= 1, "train.batchsize", "must be >= 1")
         require(self.lr > 0, "train.lr", "must be > 0")
         require(self.steps >= 1, "train.steps", "must be >= 1")
-        require(self.ckpt_every >= 1, "train.ckpt_every", "must be >= 1")
-        require(self.image_every >= 0, "train.image_every", "must be >= 0 (0: only at the last step)")
-        require(self.log_every >= 0, "train.log_every", "must be >= 0 (0: only at the last step)")
+        for key in ("ckpt_every", "image_every", "log_every"):
+            require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
 
 @dataclass

@@ -37,11 +37,6 @@ def save_preview(path: Path, x0: torch.Tensor, xt: torch.Tensor, rec: torch.Tens
     save_grid(path, [mid(x0), mid(xt), mid(rec)], titles=["x0", "I_t", "W(I_t, psi)"], value_range=(0.0, 1.0))
 
 
-def _due(done: int, every: int, end: int) -> bool:
-    """Periodic work at every ``every`` steps (0: never) and always at the last step."""
-    return done == end or (every > 0 and done % every == 0)
-
-
 def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
     """Train ``cfg.train.steps`` optimiser steps (or stop at ``max_steps``). Resumes from ``resume`` or the
     run directory's latest checkpoint (never from foreign files; Q9). Returns the final metrics."""
@@ -99,15 +94,15 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                 opt.step()
                 done = step + 1
                 last = D.all_reduce_dict({k: v.detach() for k, v in terms.items()})
-                if _due(done, tc.log_every, end):
+                if T.due(done, tc.log_every, end):
                     logger.log(done, last)
-                if info.is_main and _due(done, tc.image_every, end):
+                if info.is_main and T.due(done, tc.image_every, end):
                     with torch.no_grad():
                         rec = warp(
                             x_t, pred.detach(), mode="bilinear", padding_mode=cfg.diffusion.img_pad_mode
                         )
                     save_preview(run.images / f"step_{done:08d}.png", x0, x_t, rec)
-                if info.is_main and (done % tc.ckpt_every == 0 or done == end):
+                if info.is_main and T.due(done, tc.ckpt_every, end):
                     mgr.save(
                         C.build_checkpoint(
                             kind=KIND,

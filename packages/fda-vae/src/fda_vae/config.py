@@ -151,11 +151,8 @@ class TrainConfig:
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr_g > 0 and self.lr_d > 0, "train.lr", "must be > 0")
         require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")
-        require(
-            self.ckpt_every >= 1 and self.sample_every >= 1 and self.log_every >= 1,
-            "train.*_every",
-            "must be >= 1",
-        )
+        for key in ("ckpt_every", "sample_every", "log_every"):
+            require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
 
 @dataclass

@@ -235,9 +235,9 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
             ):
                 last = trainer.step(batch)
                 done = step + 1
-                if done % tc.log_every == 0 or done == total:
+                if T.due(done, tc.log_every, total):
                     logger.log(done, last)
-                if done % val_every == 0 or done == total:
+                if T.due(done, val_every, total):
                     val = trainer.validate(val_ds, done)
                     logger.log(done, val, prefix="val", console=True)
                     if info.is_main and val["psnr_a2b"] > best:  # best by validation A→B PSNR (spec §3)
@@ -245,9 +245,9 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
                         mgr.save(
                             trainer.checkpoint(done, done // loader.steps_per_epoch, best), name="best.pt"
                         )
-                if info.is_main and (done % tc.sample_every == 0 or done == total):
+                if info.is_main and T.due(done, tc.sample_every, total):
                     trainer.save_samples(val_ds, run.images / f"step_{done:08d}.png")
-                if info.is_main and (done % tc.ckpt_every == 0 or done == total):
+                if info.is_main and T.due(done, tc.ckpt_every, total):
                     mgr.save(trainer.checkpoint(done, done // loader.steps_per_epoch, best))
                 D.barrier()
         return {

@@ -31,6 +31,7 @@ class StageConfig:
         require(self.lr > 0, "lr", "must be > 0")
         require(self.disc_start >= 0, "disc_start", "must be >= 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
+        require(self.log_every >= 0 and self.image_every >= 0, "log_every", "and image_every must be >= 0")
 
 
 @dataclass
@@ -215,6 +216,7 @@ class ControlNetConfig:
         require(self.hint_channels > 0, "hint_channels", "must be > 0")
         require(self.steps > 0 and self.batch > 0, "steps", "and batch must be > 0")
         require(self.lr > 0, "lr", "must be > 0")
+        require(self.ckpt_every > 0 and self.log_every >= 0, "ckpt_every", "must be > 0 (log_every >= 0)")
 
 
 @dataclass

@@ -229,11 +229,11 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"biflownet step {step}: loss is {float(loss)}")
                 ema.step(model, step + 1)
-                if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                if T.due(step + 1, tc.log_every, tc.steps):
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="biflownet"
                     )
-                if (step + 1) % tc.ckpt_every == 0 or step + 1 == tc.steps:
+                if T.due(step + 1, tc.ckpt_every, tc.steps):
                     save(step + 1)
         D.barrier()
     return run.path

@@ -163,20 +163,20 @@ def train_ae(
                     opt_d.step()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage} step {step}: loss is {float(loss)}")
-                if (step + 1) % sc.log_every == 0 or step + 1 == sc.steps:
+                if T.due(step + 1, sc.log_every, sc.steps):
                     logger.log(
                         step + 1,
                         D.all_reduce_dict({k: float(v) for k, v in logs.items()}),
                         prefix=f"stage{stage}",
                     )
-                if info.is_main and ((step + 1) % sc.image_every == 0 or step + 1 == sc.steps):
+                if info.is_main and T.due(step + 1, sc.image_every, sc.steps):
                     save_volume_views(
                         run.images / f"step_{step + 1:08d}.png",
                         [x[0, 0].detach().cpu(), x_recon[0, 0].detach().float().cpu()],
                         titles=["input", "reconstruction"],
                         value_range=(-1.0, 1.0),
                     )
-                if (step + 1) % sc.ckpt_every == 0 or step + 1 == sc.steps:
+                if T.due(step + 1, sc.ckpt_every, sc.steps):
                     save(step + 1)
         D.barrier()
     return run.path

@@ -161,11 +161,11 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
                 opt.step()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"controlnet step {step}: loss is {float(loss)}")
-                if (step + 1) % cc.log_every == 0 or step + 1 == cc.steps:
+                if T.due(step + 1, cc.log_every, cc.steps):
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="controlnet"
                     )
-                if info.is_main and ((step + 1) % cc.ckpt_every == 0 or step + 1 == cc.steps):
+                if info.is_main and T.due(step + 1, cc.ckpt_every, cc.steps):
                     mgr.save(
                         C.build_checkpoint(
                             kind=KIND,

@@ -61,6 +61,8 @@ class TrainConfig:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(0 <= self.ema_decay <= 1, "train.ema_decay", "must be in [0, 1]")
         require(self.steps >= 1, "train.steps", "must be >= 1")
+        for key in ("ckpt_every", "sample_every", "log_every"):
+            require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
 
 @dataclass
@@ -123,6 +125,7 @@ class LatentConfig:
     def __post_init__(self) -> None:
         require(self.num_layers >= 2, "latent.num_layers", "must be >= 2")
         require(self.beta > 0, "latent.beta", "must be > 0")
+        require(self.ckpt_every >= 0, "latent.ckpt_every", "must be >= 0 (0: only at the last step)")
 
 
 @dataclass

@@ -102,7 +102,6 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                     )
                 )
 
-        last_saved = done = step
         with T.RunLogger(run) as logger:
             model.train()
             for s, x in T.progress(
@@ -123,10 +122,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 scaler.update()
                 ema.update(model)
                 done = s + 1
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if T.due(done, cfg.train.log_every, cfg.train.steps):
                     stats = D.all_reduce_dict({"loss": float(loss.detach()), "grad_norm": gnorm})
                     logger.log(done, stats)
-                if info.is_main and cfg.train.sample_every > 0 and done % cfg.train.sample_every == 0:
+                if info.is_main and T.due(done, cfg.train.sample_every, cfg.train.steps):
                     save_samples(
                         run.images / f"samples_{done:08d}.png",
                         ema.module,
@@ -135,11 +134,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                         cfg.diffusion.eval_steps,
                         cfg.seed,
                     )
-                if done % cfg.train.ckpt_every == 0:
+                if T.due(done, cfg.train.ckpt_every, cfg.train.steps):
                     save(done)
-                    last_saved = done
-            if done > last_saved:
-                save(done)
         D.barrier()
     return run.path
 
@@ -226,7 +222,6 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
                     )
                 )
 
-        done = last = step
         with T.RunLogger(run) as logger:
             for s, z in T.progress(
                 loader.iterate(step, lc.steps), total=lc.steps, initial=step, desc="mgdcr latent"
@@ -241,13 +236,10 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
                 opt.step()
                 ema.update(net)
                 done = s + 1
-                if done % cfg.train.log_every == 0 or done == lc.steps:
+                if T.due(done, cfg.train.log_every, lc.steps):
                     logger.log(done, D.all_reduce_dict({"latent_loss": float(loss.detach())}))
-                if done % lc.ckpt_every == 0:
+                if T.due(done, lc.ckpt_every, lc.steps):
                     save(done)
-                    last = done
-            if done > last:
-                save(done)
         D.barrier()
     return run.path
 

@@ -155,6 +155,10 @@ class TrainConfig:
     drop_last: bool = True  # Q3: the official loader keeps a partial last batch (breaks the SAM mosaic)
     nan_to_num: bool = True
 
+    def __post_init__(self) -> None:
+        for key in ("ckpt_every", "sample_every", "log_every"):
+            require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
+
 
 @dataclass
 class Config:

@@ -217,11 +217,11 @@ def train(
                 done = s + 1
                 if not all(math.isfinite(v) for v in last.values()):
                     raise RuntimeError(f"step {s}: non-finite loss {last}")
-                if info.is_main and (done % cfg.train.log_every == 0 or done == total):
+                if info.is_main and T.due(done, cfg.train.log_every, total):
                     logger.log(done, last)
-                if info.is_main and (done % cfg.train.sample_every == 0 or done == total):
+                if info.is_main and T.due(done, cfg.train.sample_every, total):
                     trainer.sample_grid(batch, run.images / f"sample_{done:08d}.png")
-                if info.is_main and (done % cfg.train.ckpt_every == 0 or done == total):
+                if info.is_main and T.due(done, cfg.train.ckpt_every, total):
                     mgr.save(trainer.state(done, done // loader.steps_per_epoch))
         return {
             "steps": total,

@@ -106,6 +106,14 @@ def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float | N
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
+def due(done: int, every: int, last: int) -> bool:
+    """Whether periodic work (logging, previews, checkpoints) runs after step ``done`` of ``last``: every
+    ``every`` steps, and always at the last step; ``every = 0`` means at the last step only."""
+    if every < 0:
+        raise ValueError(f"interval must be >= 0 (0: last step only), got {every}")
+    return done == last or (every > 0 and done % every == 0)
+
+
 def count_parameters(module: torch.nn.Module) -> dict[str, int]:
     return {
         "total": sum(p.numel() for p in module.parameters()),
