@@ -23,6 +23,10 @@ def test_summary_paper_and_demo(capsys):
     assert s["shapes"]["z_sem"] == [1, 512]
     assert main(["summary", "--config", str(PKG / "configs" / "demo.yaml")]) == 0
     assert json.loads(capsys.readouterr().out)["DiffAE"]["total"] == 1_185_473
+    # the trained-toy config is the micro network (spec §8: 0.30 M parameters)
+    for name in ("micro", "toy"):
+        assert main(["summary", "--config", str(PKG / "configs" / f"{name}.yaml")]) == 0
+        assert 0.29e6 < json.loads(capsys.readouterr().out)["DiffAE"]["total"] < 0.31e6
 
 
 def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
@@ -110,6 +114,21 @@ def _write_phantom(tmp_path):
     return ph, sax, laxes
 
 
+def _reconstruct_args(ckpt, sax, laxes, out, *extra) -> list[str]:
+    return [
+        "reconstruct",
+        "--checkpoint",
+        str(ckpt),
+        "--sax",
+        str(sax),
+        "--lax",
+        *laxes,
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def test_encode_reconstruct_evaluate(tmp_path, micro_ckpt):
     ph, sax, laxes = _write_phantom(tmp_path)
     assert (
@@ -131,25 +150,7 @@ def test_encode_reconstruct_evaluate(tmp_path, micro_ckpt):
     lat = torch.load(tmp_path / "lat.pt")
     assert lat["x_T"].shape == (3, 1, 16, 16) and lat["z_sem"].shape == (3, 32)
     out = tmp_path / "rec"
-    assert (
-        main(
-            [
-                "reconstruct",
-                "--checkpoint",
-                str(micro_ckpt),
-                "--sax",
-                str(sax),
-                "--lax",
-                *laxes,
-                "--frame",
-                "1",
-                "--out",
-                str(out),
-                "inverse.iterations=2",
-            ]
-        )
-        == 0
-    )
+    assert main(_reconstruct_args(micro_ckpt, sax, laxes, out, "--frame", "1", "inverse.iterations=2")) == 0
     vol = out / "subj_sa_frame_1_final_9slice.nii.gz"
     img = read_image(vol)
     assert img.to_dhw().shape == (9, 16, 16)
@@ -251,20 +252,7 @@ def test_bench_cases_run_on_demo():
 def test_reconstruct_heldout_protocol(tmp_path, micro_ckpt, capsys):
     """ex10 via the CLI: a seeded middle slice is dropped and the four methods are scored on it."""
     _, sax, laxes = _write_phantom(tmp_path)
-    args = [
-        "reconstruct",
-        "--checkpoint",
-        str(micro_ckpt),
-        "--sax",
-        str(sax),
-        "--lax",
-        *laxes,
-        "--out",
-        str(tmp_path / "h"),
-        "--heldout",
-        "3",
-        "inverse.iterations=2",
-    ]
+    args = _reconstruct_args(micro_ckpt, sax, laxes, tmp_path / "h", "--heldout", "3", "inverse.iterations=2")
     assert main(args) == 0
     r = json.loads((tmp_path / "h" / "subj_sa_frame_0_heldout.json").read_text())
     assert r["heldout_index"] == 1  # n = 3: only the middle slice has both neighbours

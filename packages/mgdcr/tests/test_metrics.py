@@ -56,6 +56,22 @@ def test_baselines_and_comparison():
     np.testing.assert_allclose(nearest_interp_z(sax, 4)[:, 0, 0], [0, 0, 0.4, 0.4, 0.4, 0.4, 1, 1, 1])
     res = compare_methods(lin, {"linear": lin, "nearest": nearest_interp_z(sax, 4)}, 4)
     assert res["linear"]["heldout_psnr"] == 100.0 and res["nearest"]["heldout_psnr"] < 30
+    # 3D PSNR pools the squared error of the 6 held-out slices: nearest errs by 0.1,0.2,0.1 (x2 gaps: 0.15,0.3,0.15)
+    err = np.array([0.1, 0.2, 0.1, 0.15, 0.3, 0.15])
+    assert abs(res["nearest"]["heldout_psnr3d"] + 10 * np.log10(np.mean(err**2))) < 1e-9
+    assert res["linear"]["heldout_psnr3d"] == 100.0
+
+
+def test_psnr3d_is_not_dominated_by_easy_slices():
+    """Two held-out slices: one exact (per-slice PSNR capped at 100 dB), one with error 0.1. The mean of
+    per-slice PSNRs is 60 dB, the pooled (volume) PSNR is 20 + 10 log10(2) = 23.0 dB."""
+    from mgdcr.evaluate import psnr3d, slice_metrics
+
+    gt = np.zeros((2, 4, 4))
+    pred = gt.copy()
+    pred[1] += 0.1
+    assert abs(slice_metrics(pred, gt, [0, 1])["psnr"] - 60.0) < 1e-6
+    assert abs(psnr3d(pred, gt, [0, 1]) - (20 + 10 * np.log10(2))) < 1e-9
 
 
 def test_lpips_hook_on_heldout_slices():

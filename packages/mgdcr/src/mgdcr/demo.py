@@ -119,6 +119,9 @@ def run_demo(
         "optimised_beats_linear_heldout_psnr": bool(
             metrics["diffae_lax"]["heldout_psnr"] > metrics["linear"]["heldout_psnr"]
         ),
+        "optimised_beats_linear_heldout_psnr3d": bool(
+            metrics["diffae_lax"]["heldout_psnr3d"] > metrics["linear"]["heldout_psnr3d"]
+        ),
         "seconds": {"train": t_train, "reconstruct": t_rec},
     }
     d = grid.D
