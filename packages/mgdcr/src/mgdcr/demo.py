@@ -77,7 +77,7 @@ def run_demo(
     cfg_path = Path(config) if config else bundled_configs(__file__) / "demo.yaml"
     cfg = load_config(Config, cfg_path, list(overrides or []) + [f"run_root={out / 'runs'}"])
     prior_path = str(prior) if prior else None
-    if prior is None:
+    if prior_path is None:
         total = cfg.train.steps
         half = max(1, total // 2)
         # train half, checkpoint, then resume from that checkpoint to the end (contract: resume once)
@@ -86,7 +86,7 @@ def run_demo(
         ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
         model, pcfg = load_prior(ckpts[-1])
     else:
-        model, pcfg = load_prior(prior)
+        model, pcfg = load_prior(prior_path)
         total = None
     cfg = replace(cfg, model=pcfg.model, diffusion=pcfg.diffusion)  # the phantom size follows the prior
     t_train = time.time() - t0

@@ -41,8 +41,8 @@ def psnr3d(pred: np.ndarray, gt: np.ndarray, index: Sequence[int]) -> float:
     data_range 1, capped at 100 dB. Unlike the mean of per-slice PSNRs it is not dominated by near-empty
     slices that any interpolation reproduces almost exactly."""
     idx = list(index)
-    mse = float(np.mean((np.asarray(pred, np.float64)[idx] - np.asarray(gt, np.float64)[idx]) ** 2))
-    return 100.0 if mse <= 1e-10 else min(100.0, -10.0 * float(np.log10(mse)))
+    p, g = _t(np.asarray(pred)[idx])[None], _t(np.asarray(gt)[idx])[None]  # the slices as one sample
+    return float(M.psnr(p, g, data_range=1.0).clamp(max=100.0)[0])
 
 
 def threshold_blood_pool(volume: np.ndarray, threshold: float = 0.6) -> np.ndarray:
