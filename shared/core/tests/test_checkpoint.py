@@ -1,4 +1,5 @@
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,21 @@ def test_missing_named_model(tmp_path):
     ck = build_checkpoint(kind="toy", step=1, models={"g": model})
     with pytest.raises(CheckpointError, match="has no model 'd'"):
         restore_checkpoint(ck, models={"d": model})
+
+
+def test_manager_resume_picks_source_and_restores(tmp_path):
+    model, *_ = make()
+    mgr = CheckpointManager(tmp_path / "ck")
+    assert mgr.resume_source() is None and mgr.resume(None, "toy", models={"m": model}) == (0, None)
+    for step in (3, 7):
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        mgr.save(build_checkpoint(kind="toy", step=step, models={"m": model}))
+    target, *_ = make(seed=1)
+    step, src = mgr.resume(None, "toy", models={"m": target})  # latest
+    assert (step, src.name) == (7, "step_00000007.pt")
+    assert all(torch.equal(a, b) for a, b in zip(target.state_dict().values(), model.state_dict().values()))
+    step, src = mgr.resume(tmp_path / "ck" / "step_00000003.pt", "toy", models={"m": target})  # explicit
+    assert step == 3 and mgr.resume_source("x.pt") == Path("x.pt")
+    with pytest.raises(CheckpointError, match="toy"):
+        mgr.resume(None, "other", models={"m": target})  # foreign kind is an error, not a silent resume

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from .data import TrainAugment, build_dataset
 from .deform import warp
 from .losses import drdm_loss
 
-log = logging.getLogger("drdm.train")
 KIND = "drdm"
 
 
@@ -49,14 +47,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
         model = D.wrap_ddp(net, info)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=tc.lr)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=tc.keep_last)
-        start = 0
-        ckpt_path = Path(resume) if resume else mgr.latest()
-        if ckpt_path is not None:
-            ckpt = C.load_checkpoint(ckpt_path, kind=KIND)
-            start, _ = C.restore_checkpoint(
-                ckpt, models={"network": net}, optimizers={"adam": opt}, source=str(ckpt_path)
-            )
-            log.info("resumed from %s at step %d", ckpt_path, start)
+        start, _ = mgr.resume(resume, KIND, models={"network": net}, optimizers={"adam": opt})
         if info.is_main:
             save_config(cfg, run.config)
         diffusion = build_diffusion(cfg, sampling=False)

@@ -223,7 +223,7 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
         total = tc.max_steps if tc.max_steps > 0 else tc.epochs * loader.steps_per_epoch
         val_every = tc.val_every or loader.steps_per_epoch
         start, best = 0, -math.inf
-        src = Path(resume) if resume else mgr.latest()
+        src = mgr.resume_source(resume)
         if src is not None:
             start, best = trainer.restore(C.load_checkpoint(src, kind=KIND), str(src))
             log.info("resumed from %s at step %d", src, start)

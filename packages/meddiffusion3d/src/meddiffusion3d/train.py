@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -28,7 +27,6 @@ from .config import Config, build_biflownet, build_diffusion
 from .diffusion import ModelEMA
 from .infer import read_latent
 
-log = logging.getLogger("meddiffusion3d")
 KIND = "meddiffusion3d-biflownet"
 PACKAGE = "meddiffusion3d"
 
@@ -173,19 +171,15 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         scaler = T.grad_scaler(device, tc.amp)
         run = run_dir(cfg)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
-        resume_path = Path(resume) if resume else mgr.latest()
-        start = 0
-        if resume_path is not None:
-            ck = C.load_checkpoint(resume_path, kind=KIND, map_location=device)
-            start, _ = C.restore_checkpoint(
-                ck,
-                models={"model": model},
-                optimizers={"opt": opt},
-                emas={"ema": ema},
-                scaler=scaler,
-                source=str(resume_path),
-            )
-            log.info("resumed from %s at step %d", resume_path, start)
+        start, _ = mgr.resume(
+            resume,
+            KIND,
+            map_location=device,
+            models={"model": model},
+            optimizers={"opt": opt},
+            emas={"ema": ema},
+            scaler=scaler,
+        )
         ddp = D.wrap_ddp(model, info)
         # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data)
         loader = T.ResumableLoader(ds, tc.batch, seed=cfg.run.seed, num_workers=tc.num_workers)

@@ -73,7 +73,7 @@ def train_ae(
         ae = build_autoencoder(cfg.ae).to(device)
         disc = build_discriminator(cfg.ae).to(device)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
-        resume_path = Path(resume) if resume else mgr.latest()
+        resume_path = mgr.resume_source(resume)
         if stage == 2 and resume_path is None:
             src = Path(init) if init else latest_checkpoint(cfg, 1)
             if src is None:

@@ -11,7 +11,6 @@ decodes (no data-consistency step, as in the authors' code).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import torch
@@ -31,7 +30,6 @@ from .encode import patch_encode
 from .generate import Generator
 from .train import PACKAGE, step_generator
 
-log = logging.getLogger("meddiffusion3d")
 KIND = "meddiffusion3d-controlnet"
 
 
@@ -119,13 +117,9 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
         enc = _Encoder(gen)
         run = run_dir(cfg)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
-        resume_path = Path(resume) if resume else mgr.latest()
-        start = 0
-        if resume_path is not None:
-            ck = C.load_checkpoint(resume_path, kind=KIND, map_location=device)
-            start, _ = C.restore_checkpoint(
-                ck, models={"controlnet": m.controlnet}, optimizers={"opt": opt}, source=str(resume_path)
-            )
+        start, _ = mgr.resume(
+            resume, KIND, map_location=device, models={"controlnet": m.controlnet}, optimizers={"opt": opt}
+        )
         ddp = D.wrap_ddp(m, info)
         loader = T.ResumableLoader(ds, cc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         ckpt_cfg = config_to_dict(cfg)

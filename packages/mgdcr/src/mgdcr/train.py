@@ -3,7 +3,6 @@ single process or torchrun/DDP, exact resume through core's CheckpointManager.""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -18,7 +17,6 @@ from .data import build_datasets
 from .diffusion import GaussianDiffusion
 from .model import DiffAE
 
-log = logging.getLogger("mgdcr")
 KIND = "mgdcr"
 
 
@@ -70,18 +68,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         scaler = T.grad_scaler(info.device, enabled=cfg.train.fp16)  # a no-op on CPU / when fp16 is off
         diffusion = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
-        step = 0
-        src = Path(resume) if resume else mgr.latest()
-        if src is not None:
-            step, _ = C.restore_checkpoint(
-                C.load_checkpoint(src, kind=KIND),
-                models={"model": model},
-                optimizers={"opt": opt},
-                emas={"ema": ema},
-                scaler=scaler,
-                source=str(src),
-            )
-            log.info("resumed from %s at step %d", src, step)
+        step, _ = mgr.resume(
+            resume, KIND, models={"model": model}, optimizers={"opt": opt}, emas={"ema": ema}, scaler=scaler
+        )
         loader = T.ResumableLoader(
             train_ds, cfg.train.batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers
         )
@@ -195,16 +184,9 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
         opt = torch.optim.AdamW(net.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
         diffusion = GaussianDiffusion(cfg.diffusion.T, const_beta=lc.beta)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
-        step = 0
-        src = Path(resume) if resume else mgr.latest()
-        if src is not None:
-            step, _ = C.restore_checkpoint(
-                C.load_checkpoint(src, kind=KIND),
-                models={"latent": net},
-                optimizers={"opt": opt},
-                emas={"latent": ema},
-                source=str(src),
-            )
+        step, _ = mgr.resume(
+            resume, KIND, models={"latent": net}, optimizers={"opt": opt}, emas={"latent": ema}
+        )
         loader = T.ResumableLoader(data, min(lc.batch_size, len(data)), seed=cfg.seed)
         extra = {"z_mean": mean, "z_std": std, "prior": str(lc.prior)}
 

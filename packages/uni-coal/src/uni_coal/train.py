@@ -201,7 +201,7 @@ def train(
         trainer = Trainer(cfg, info.device, world_size=info.world_size)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
         step = 0
-        ck_path = Path(resume) if resume else mgr.latest()
+        ck_path = mgr.resume_source(resume)
         if ck_path is not None:
             step, _ = trainer.restore(C.load_checkpoint(ck_path, kind=KIND), str(ck_path))
         total = max_steps or cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch

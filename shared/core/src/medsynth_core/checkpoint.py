@@ -13,6 +13,7 @@ file stays ``weights_only``-safe; restoring them makes the continuation bit-iden
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
@@ -25,6 +26,8 @@ import torch
 
 from .atomic import atomic_output
 from .config import save_config
+
+log = logging.getLogger(__name__)
 
 FORMAT = "medsynth-checkpoint"
 VERSION = 1
@@ -237,6 +240,28 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
+
+    def resume_source(self, resume: str | os.PathLike | None = None) -> Path | None:
+        """The checkpoint a run continues from: ``resume`` when given, else the latest one here (or None)."""
+        return Path(resume) if resume else self.latest()
+
+    def resume(
+        self,
+        resume: str | os.PathLike | None,
+        kind: str,
+        *,
+        map_location: str | torch.device = "cpu",
+        **state: Any,
+    ) -> tuple[int, Path | None]:
+        """Restore ``state`` (the keyword arguments of :func:`restore_checkpoint`) from
+        :meth:`resume_source`; returns ``(step, path)``, or ``(0, None)`` for a fresh run."""
+        src = self.resume_source(resume)
+        if src is None:
+            return 0, None
+        step, _ = restore_checkpoint(load_checkpoint(src, kind=kind, map_location=map_location),
+                                     source=str(src), **state)
+        log.info("resumed from %s at step %d", src, step)
+        return step, src
 
     def save(self, ckpt: Mapping[str, Any], name: str | None = None) -> Path:
         """Write ``ckpt`` atomically (numbered by its step, or as ``name``) and prune old ones."""
