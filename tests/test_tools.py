@@ -29,3 +29,21 @@ def test_unknown_package_is_rejected():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "demo.py"), "--package", "nope"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "unknown package" in proc.stderr
+
+
+def test_demo_summary_lines_name_ours_and_best_baseline():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import demo
+    finally:
+        sys.path.pop(0)
+    one = {"heldout": {"cases": 4, "metric": "psnr_db", "method": 27.4,
+                       "baselines": {"copy_source": 21.0, "oracle_linear": 25.5}}}
+    assert demo.heldout_lines(one) == [
+        "heldout: ours 27.40 dB vs best baseline oracle_linear 25.50 dB (+1.90) over 4 cases"]
+    many = {"heldout": {"sr": {"cases": 2, "method": 20.0, "baselines": {"trilinear": 21.0}},
+                        "cms": {"cases": 2, "method": 18.0, "baselines": {"copy_source": 12.0}}}}
+    lines = demo.heldout_lines(many)
+    assert lines[0].startswith("sr: ours 20.00 dB") and "(-1.00)" in lines[0]
+    assert lines[1].startswith("cms: ") and "(+6.00)" in lines[1]
+    assert demo.heldout_lines({"train": {}}) == ["no held-out block in metrics.json"]
