@@ -54,3 +54,25 @@ def test_core_imports_every_module():
     for mod in ("atomic", "bench", "checkpoint", "cli", "config", "distributed", "io", "metrics",
                 "phantoms", "training", "viz"):
         importlib.import_module(f"medsynth_core.{mod}")
+
+
+_NO_TORCH_HELP = """
+import sys
+from {mod}.cli import main
+for argv in (["--help"], ["train", "--help"], ["demo", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+heavy = sorted(m for m in ("torch", "monai", "SimpleITK", "nibabel") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+"""
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_help_imports_no_torch(pkg):
+    # issue 17: `<pkg> --help` under 1 s, i.e. it must not import torch (which alone takes ~4 s cold)
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH_HELP.format(mod=pkg.import_name)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY=\n" in proc.stdout, f"{pkg.name} --help imports {proc.stdout.split('HEAVY=')[-1].strip()}"

@@ -26,15 +26,12 @@ import torch
 
 from .atomic import atomic_output
 from .config import save_config
+from .errors import CheckpointError  # noqa: F401  (re-exported here)
 
 log = logging.getLogger(__name__)
 
 FORMAT = "medsynth-checkpoint"
 VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
 
 
 # --------------------------------------------------------------------------------------------- RNG

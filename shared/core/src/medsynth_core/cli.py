@@ -13,8 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .checkpoint import CheckpointError
 from .config import ConfigError
+from .errors import CheckpointError
 
 EXIT_USER_ERROR = 2
 EXIT_NOT_IMPLEMENTED = 3
