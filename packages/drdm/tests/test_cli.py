@@ -50,7 +50,7 @@ def test_convert_official_reproduces_fixture(ref, tmp_path, capsys):
     fx = torch.load(ref / "official_tiny.pt", map_location="cpu", weights_only=True)["recresacnet_2d_cmr"]
     with torch.no_grad():
         out = net(fx["inputs"]["x"], fx["inputs"]["t"], rec_num=2)
-    torch.testing.assert_close(out, fx["outputs"]["ddf_rec2"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out, fx["outputs"]["ddf_rec2"], rtol=1e-4, atol=1e-5)  # reference README: drdm tolerance
 
 
 def test_convert_official_3d_inferred(ref, tmp_path):
@@ -66,7 +66,7 @@ def test_convert_official_3d_inferred(ref, tmp_path):
     assert cfg.model.ndims == 3 and cfg.diffusion.img_size == 128 and cfg.diffusion.padding_mode == "border"
     with torch.no_grad():
         out = net(fx["inputs"]["x"], fx["inputs"]["t"], rec_num=2)
-    torch.testing.assert_close(out, fx["outputs"]["ddf_rec2"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out, fx["outputs"]["ddf_rec2"], rtol=1e-4, atol=1e-5)  # reference README: drdm tolerance
 
 
 def test_convert_rejects_foreign(tmp_path, capsys):
