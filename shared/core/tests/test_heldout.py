@@ -135,6 +135,14 @@ def test_figure_one_row_per_case(tmp_path):
     assert w > 6 * 16 and h > 2 * 16
     sag = tk.figure_rows(panel=lambda v: v[:, :, 8])[0]
     assert sag[0][0].shape == (4, 16)
+    # baseline_errors: |baseline - target| beside ours' error map, one per baseline
+    rows_e, titles_e, _ = tk.figure_rows(baseline_errors=True)
+    names = list(tk.per_case["case00"]["baselines"])
+    assert titles_e[0][6:] == [f"|{n}-target|" for n in names] and len(rows_e[0]) == 6 + len(names)
+    roles = tk.images["case00"]
+    mid = roles["target"].shape[0] // 2
+    np.testing.assert_allclose(rows_e[0][6], np.abs(roles[f"baseline_{names[0]}"] - roles["target"])[mid])
+    assert ho.save_heldout_figure(tmp_path / "figure_e.png", tk, scale=1, baseline_errors=True).is_file()
 
 
 def test_writer_rejects_bad_input(tmp_path):

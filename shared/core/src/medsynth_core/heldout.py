@@ -286,11 +286,16 @@ class HeldoutTask:
         return _summary(self.per_case, self.extra)
 
     def figure_rows(
-        self, max_cases: int | None = None, panel: Callable[[np.ndarray], np.ndarray] | None = None
+        self,
+        max_cases: int | None = None,
+        panel: Callable[[np.ndarray], np.ndarray] | None = None,
+        baseline_errors: bool = False,
     ) -> tuple[list[list[np.ndarray]], list[list[str]], list[str]]:
         """Panels ``inputs | baselines | ours | target | |ours-target|``, their titles and the case names.
 
         ``panel`` maps a 3D volume to the 2D image shown (default: the middle slice along the first axis).
+        ``baseline_errors`` appends ``|baseline-target|`` for every baseline after ours' error map, so the
+        error maps can be compared side by side.
         """
         panel = panel or _middle_slice
         rows, titles = [], []
@@ -311,6 +316,10 @@ class HeldoutTask:
                 tit.append(f"{name} {sc['baselines'][name][METRIC]:.1f}dB")
             row += [show(roles["pred"]), show(roles["target"]), np.abs(show(roles["pred"]) - show(roles["target"]))]
             tit += [f"ours {sc['method'][METRIC]:.1f}dB", "target", "|ours-target|"]
+            if baseline_errors:
+                for name in sc["baselines"]:
+                    row.append(np.abs(show(roles[f"baseline_{name}"]) - show(roles["target"])))
+                    tit.append(f"|{name}-target|")
             rows.append(row)
             titles.append(tit)
         return rows, titles, cases
@@ -326,10 +335,12 @@ def save_heldout_figure(
     max_cases: int | None = 4,
     scale: int = 2,
     panel: Callable[[np.ndarray], np.ndarray] | None = None,
+    baseline_errors: bool = False,
 ) -> Path:
-    """One row per held-out case of each task: inputs | baselines | ours | target | |ours-target|.
+    """One row per held-out case of each task: inputs | baselines | ours | target | |ours-target|
+    (then ``|baseline-target|`` for each baseline with ``baseline_errors``).
 
-    Intensity panels share the [0, 1] display range (the metric's scale); the error panel is shown on
+    Intensity panels share the [0, 1] display range (the metric's scale); error panels are shown on
     [0, 0.5] so small errors stay visible. Row titles name the task and case. ``panel`` maps a 3D volume to
     the 2D image shown (default: its middle slice along the first axis).
     """
@@ -338,10 +349,11 @@ def save_heldout_figure(
     tasks = [tasks] if isinstance(tasks, HeldoutTask) else list(tasks)
     rows, titles, names = [], [], []
     for task in tasks:
-        r, t, cases = task.figure_rows(max_cases, panel)
+        r, t, cases = task.figure_rows(max_cases, panel, baseline_errors)
         for case, row, tit in zip(cases, r, t):
-            last = len(row) - 1
-            rows.append([to_uint8(im, (0.0, 0.5) if i == last else (0.0, 1.0)) for i, im in enumerate(row)])
+            rows.append(
+                [to_uint8(im, (0.0, 0.5) if ti.startswith("|") else (0.0, 1.0)) for im, ti in zip(row, tit)]
+            )
             titles.append(tit)
             names.append(f"{task.task} {case}" if task.task else case)
     return save_grid(path, rows, titles=titles, scale=scale, row_titles=names)
