@@ -117,12 +117,35 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="keep slices whose non-zero fraction exceeds this in every phase",
     )
+    p.add_argument(
+        "--no-register",
+        dest="register",
+        action="store_false",
+        help="skip the rigid registration (SimpleITK Euler 3D, mutual information) of each phase onto "
+        "the target phase; only resample onto the target grid in scanner coordinates",
+    )
+    p.add_argument(
+        "--register-iterations",
+        type=int,
+        default=50,
+        help="optimiser iterations per resolution level of the registration (default 50)",
+    )
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data import prepare_lld_mmri
 
-    _print(prepare_lld_mmri(args.raw, args.out, args.phases, args.target, args.min_fraction))
+    _print(
+        prepare_lld_mmri(
+            args.raw,
+            args.out,
+            args.phases,
+            args.target,
+            args.min_fraction,
+            register=args.register,
+            register_iterations=args.register_iterations,
+        )
+    )
     return 0
 
 
@@ -306,7 +329,11 @@ VERBS = [
         add_synthesize,
     ),
     Verb(
-        "prepare", "extract co-registered 2D slice pairs from raw LLD-MMRI volumes", cmd_prepare, add_prepare
+        "prepare",
+        "extract co-registered 2D slice pairs from raw LLD-MMRI volumes (each phase rigidly registered "
+        "onto the target phase; --no-register to skip)",
+        cmd_prepare,
+        add_prepare,
     ),
     Verb("evaluate", "compute the paper's metrics and write JSON/CSV", cmd_evaluate, add_evaluate),
     Verb(
