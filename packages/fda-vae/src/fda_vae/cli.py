@@ -286,6 +286,13 @@ def add_convert(p: argparse.ArgumentParser) -> None:
         default=None,
         help="JSON file (or string) with the official constructor keyword arguments",
     )
+    p.add_argument(
+        "--norm-num-groups",
+        type=int,
+        default=None,
+        help="the official norm_num_groups (GroupNorm group count; the paper uses 32). The weights do "
+        "not hold it: without --constructor it must be given unless the file stores it",
+    )
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -299,7 +306,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             raise UserError(f"--constructor: not valid JSON ({exc})") from exc
     cfg = _load_cfg(args.config) if args.config else None
-    report = convert_official(args.src, args.dst, cfg, constructor)
+    if args.norm_num_groups is not None and args.norm_num_groups < 1:
+        raise UserError(f"--norm-num-groups must be >= 1, got {args.norm_num_groups}")
+    report = convert_official(args.src, args.dst, cfg, constructor, args.norm_num_groups)
     _print(report)
     if report["dropped_keys"]:
         print(

@@ -9,6 +9,7 @@ DDP (``module.``) and ``torch.compile`` (``_orig_mod.``) prefixes are stripped.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -131,7 +132,12 @@ def convert_discriminator_state(state: Mapping[str, torch.Tensor]) -> dict[str, 
     return {_strip(k): v for k, v in state.items()}
 
 
-def _load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def _load_with_meta(
+    path: str | os.PathLike,
+) -> tuple[dict[str, torch.Tensor], list[tuple[str, Mapping[str, Any]]]]:
+    """(state dict, the (path, container) pairs it was found in, outermost first). The official trainer
+    saves bare state dicts; wrappers such as ``{"state_dict": ..., "config": ...}`` keep their other
+    entries here."""
     from medsynth_core.cli import UserError
 
     path = Path(path)
@@ -143,14 +149,72 @@ def _load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise UserError(
             f"{path}: cannot be read as a torch state dict ({type(exc).__name__}: {exc})"
         ) from exc
-    for key in ("state_dict", "model", "generator"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
+    containers: list[tuple[str, Mapping[str, Any]]] = []
+    where = ""
+    for _ in range(4):  # descend through wrappers, e.g. {"generator": {"state_dict": ..., ...}}
+        key = next(
+            (
+                k
+                for k in ("state_dict", "model", "generator")
+                if isinstance(obj, dict) and isinstance(obj.get(k), dict)
+            ),
+            None,
+        )
+        if key is None:
+            break
+        containers.append((where, obj))
+        where = f"{where}.{key}" if where else key
+        obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(
             f"{path}: not a state dict of tensors (official generator_*.pth / discriminator_*.pth)"
         )
-    return obj
+    return obj, containers
+
+
+def _load(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    return _load_with_meta(path)[0]
+
+
+_META_KEYS = (
+    "constructor",
+    "config",
+    "model_config",
+    "hyper_parameters",
+    "hparams",
+    "args",
+    "kwargs",
+    "model",
+)
+
+
+def stored_constructor(
+    containers: list[tuple[str, Mapping[str, Any]]],
+) -> tuple[Mapping[str, Any], str] | None:
+    """The nearest mapping holding ``norm_num_groups`` in the non-tensor entries around the state dict
+    (e.g. a stored constructor, config or Lightning ``hyper_parameters``), with where it was found."""
+
+    def search(obj: Any, where: str, depth: int) -> tuple[Mapping[str, Any], str] | None:
+        if not isinstance(obj, Mapping) or depth > 3:
+            return None
+        if "norm_num_groups" in obj and not isinstance(obj["norm_num_groups"], torch.Tensor):
+            return obj, where
+        for k in _META_KEYS:
+            if k in obj and isinstance(obj[k], Mapping):
+                found = search(obj[k], f"{where}.{k}" if where else k, depth + 1)
+                if found is not None:
+                    return found
+        return None
+
+    for where, container in reversed(containers):  # nearest to the state dict first
+        found = search(container, where, 0)
+        if found is not None:
+            return found
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def is_generator_state(state: Mapping[str, Any]) -> bool:
@@ -158,12 +222,20 @@ def is_generator_state(state: Mapping[str, Any]) -> bool:
 
 
 def convert_official(
-    src: str | os.PathLike, dst: str | os.PathLike, cfg=None, constructor: Mapping[str, Any] | None = None
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cfg=None,
+    constructor: Mapping[str, Any] | None = None,
+    norm_num_groups: int | None = None,
 ) -> dict[str, Any]:
     """Convert one official file (generator or discriminator) into a medsynth checkpoint at ``dst``.
 
-    The model config comes from ``constructor`` (official keyword arguments), else ``cfg`` (ours),
-    else is inferred from the weights (paper defaults for what cannot be inferred).
+    The generator config comes from ``constructor`` (official keyword arguments; omitted ones take the
+    official defaults), else ``cfg`` (ours), else is read off the weights. The weights do not hold the
+    GroupNorm group count: it then comes from ``norm_num_groups``, else from a constructor / config stored
+    in the file beside the state dict, else from the channels when only one group count divides them
+    all (1); otherwise the conversion is refused (never guessed). ``report["norm_num_groups_from"]``
+    says which source was used.
     """
     from medsynth_core.checkpoint import atomic_torch_save, build_checkpoint
     from medsynth_core.cli import UserError
@@ -172,21 +244,66 @@ def convert_official(
     from .config import KIND, Config
     from .model import build_discriminator, build_generator
 
-    state = _load(src)
+    state, containers = _load_with_meta(src)
     user_cfg = cfg is not None
     cfg = cfg or Config()
     report: dict[str, Any] = {"source": str(src), "destination": str(dst)}
     if is_generator_state(state):
-        if constructor is not None:
-            cfg.model = model_config_from_official(constructor)
-        elif not user_cfg:
+        stored = stored_constructor(containers)
+        full = stored is not None and any(k in stored[0] for k in ("num_channels", "latent_channels"))
+        if constructor is not None or full:
+            # official keyword arguments: given (--constructor) or stored in the file beside the weights
+            given = constructor is not None
+            cons = dict(constructor if given else stored[0])
+            groups_from = (
+                ("--constructor" if given else f"checkpoint [{stored[1] or 'top level'}]")
+                if "norm_num_groups" in cons
+                else "official default (32; not in --constructor)"
+            )
+            if norm_num_groups is not None:
+                cons["norm_num_groups"], groups_from = int(norm_num_groups), "--norm-num-groups"
             try:
-                cfg.model = infer_model_config(state, cfg.model)
+                cfg.model = model_config_from_official(cons)
+            except ValueError as exc:
+                where = "--constructor" if given else f"{src} [{stored[1] or 'top level'}]"
+                raise UserError(f"{where}: {exc}") from exc
+        elif user_cfg and norm_num_groups is None:
+            groups_from = "--config"
+        else:
+            try:
+                inferred = infer_model_config(state, cfg.model)
             except (KeyError, IndexError, ValueError) as exc:
                 raise UserError(
                     f"{src}: cannot read the generator config off the weights ({exc!r}); "
                     "pass --constructor with the official constructor arguments"
                 ) from exc
+            options = _divisors(math.gcd(*inferred.channels))
+            if norm_num_groups is not None:
+                groups, groups_from = int(norm_num_groups), "--norm-num-groups"
+            elif stored is not None:
+                groups = int(stored[0]["norm_num_groups"])
+                groups_from = f"checkpoint [{stored[1] or 'top level'}]"
+            elif len(options) == 1:
+                groups, groups_from = options[0], "channels (1 is the only group count dividing them)"
+            else:
+                raise UserError(
+                    f"{src}: the GroupNorm group count is not stored in this state dict and channels "
+                    f"{inferred.channels} allow {options}; pass --norm-num-groups N (the official "
+                    "norm_num_groups; the paper uses 32) or --constructor with the official constructor "
+                    "arguments (norm_num_groups key)"
+                )
+            if groups not in options:
+                raise UserError(
+                    f"{src}: norm_num_groups={groups} ({groups_from}) does not divide the channels "
+                    f"{inferred.channels} read off the weights; pass --norm-num-groups with one of {options}"
+                )
+            if user_cfg:  # our --config, with the group count overridden
+                inferred = ModelConfig(**{**vars(cfg.model), "norm_num_groups": groups})
+            else:
+                inferred = ModelConfig(**{**vars(inferred), "norm_num_groups": groups})
+            cfg.model = inferred
+        report["norm_num_groups"] = cfg.model.norm_num_groups
+        report["norm_num_groups_from"] = groups_from
         model = build_generator(cfg.model)
         try:
             new, dropped = convert_generator_state(state, model)
@@ -231,11 +348,13 @@ def convert_official(
     return report
 
 
-def infer_model_config(state: Mapping[str, torch.Tensor], base: ModelConfig) -> ModelConfig:
+def infer_model_config(
+    state: Mapping[str, torch.Tensor], base: ModelConfig, norm_num_groups: int = 1
+) -> ModelConfig:
     """Read channels / latent size / res-block count off an official generator state dict.
 
-    The GroupNorm group count is not stored in the weights: it becomes the largest power of two <= the
-    base config's value that divides every channel count; pass ``--constructor`` to be exact.
+    The GroupNorm group count is not stored in the weights, so the caller gives it (``norm_num_groups``,
+    default 1, which divides any channel count); :func:`convert_official` never guesses it.
     """
     s = {_strip(k): v for k, v in state.items()}
     latent = int(s["quant_conv_mu.conv.weight"].shape[0])
@@ -258,16 +377,13 @@ def infer_model_config(state: Mapping[str, torch.Tensor], base: ModelConfig) -> 
     for d in downs:
         chans.append(int(s[f"encoder.blocks.{d + 1}.conv1.conv.weight"].shape[0]))
     out_ch = int(s[[k for k in s if k.startswith("decoder.blocks.")][-2]].shape[0])
-    gn = base.norm_num_groups
-    while any(c % gn for c in chans):
-        gn //= 2
     return ModelConfig(
         in_channels=in_ch,
         out_channels=out_ch,
         channels=chans[:levels],
         num_res_blocks=nrb,
         latent_channels=latent,
-        norm_num_groups=max(gn, 1),
+        norm_num_groups=int(norm_num_groups),
         norm_eps=base.norm_eps,
     )
 
