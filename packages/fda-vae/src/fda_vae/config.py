@@ -105,7 +105,7 @@ class DataConfig:
     phase_a: str = "c_v"  # phase_1 (official 'mr'), the default source
     phase_b: str = "delay"  # phase_2 (official 'ct'), the default target
     image_size: int = 256
-    split_file: str = ""  # lesion_patient_list.txt; empty: every patient trains and validates
+    split_file: str = ""  # lesion_patient_list.txt; empty: random patient split (split_seed, val_ratio)
     val_ratio: float = 0.2
     test_ratio: float = 0.0  # > 0: optional held-out test patients (spec §6.7); 0 = official train/val only
     split_seed: int = 42
@@ -134,6 +134,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     epochs: int = 1501
     max_steps: int = 0  # > 0 overrides epochs
+    # extension (not in the official code, whose LambdaLR is 1): "cosine" anneals lr_g and lr_d from their
+    # value to 0 over lr_decay_steps (0: the run's total steps); a pure function of the step, so resume is exact
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_decay_steps: int = 0
     skip_spike: bool = True  # spec §3 abnormal-batch skip (train_v3.py:89,120-143)
     skip_spike_factor: float = 2.0
     skip_spike_window: int = 20
@@ -151,6 +155,7 @@ class TrainConfig:
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr_g > 0 and self.lr_d > 0, "train.lr", "must be > 0")
         require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")
+        require(self.lr_decay_steps >= 0, "train.lr_decay_steps", "must be >= 0 (0: the run's total steps)")
         for key in ("ckpt_every", "sample_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 

@@ -73,6 +73,19 @@ class Trainer:
         self.spikes: collections.deque[float] = collections.deque(maxlen=tc.skip_spike_window)
         self.skipped = 0
 
+    def set_lr(self, step: int, total: int) -> float:
+        """Learning-rate factor of ``train.lr_schedule`` at ``step`` (0-based) of ``total`` (applied to G and
+        both D). ``constant`` is the official LambdaLR ≡ 1; ``cosine`` is ½(1 + cos(π·step/horizon))."""
+        tc = self.cfg.train
+        if tc.lr_schedule == "constant":
+            return 1.0
+        horizon = tc.lr_decay_steps or total
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(step, horizon) / horizon))
+        for opt, lr in ((self.opt_g, tc.lr_g), *((o, tc.lr_d) for o in self.opt_d.values())):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+        return factor
+
     # --------------------------------------------------------------------------------- one step
     def is_spike(self, rec: float) -> bool:
         """Abnormal-batch rule (train_v3.py:120-143): with more than ``skip_spike_min`` values in the
@@ -233,7 +246,9 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
             for step, batch in T.progress(
                 loader.iterate(start, total), total=total, initial=start, desc=KIND
             ):
+                lr_factor = trainer.set_lr(step, total)
                 last = trainer.step(batch)
+                last["lr_factor"] = lr_factor
                 done = step + 1
                 if T.due(done, tc.log_every, total):
                     logger.log(done, last)
