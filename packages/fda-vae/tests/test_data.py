@@ -190,7 +190,8 @@ def test_prepare_extractor(tmp_path):
         prepare_lld_mmri(tmp_path / "nothing", out)
 
 
-def test_build_datasets_with_split(tmp_path, tiny_cfg):
+def test_build_datasets_with_split(tmp_path, tiny_cfg, caplog):
+    caplog.set_level("INFO", logger="fda_vae")
     from fda_vae.data import build_datasets
 
     pats = [f"MR{i}" for i in range(10)]
@@ -215,6 +216,8 @@ def test_build_datasets_with_split(tmp_path, tiny_cfg):
 
     with pytest.raises(UserError, match="test_ratio"):
         build_split_dataset(tiny_cfg, "test")
+    # the official list is used when given (lesion-stratified: one val patient per class here)
+    assert "patients split at random" not in " ".join(r.getMessage() for r in caplog.records)
     tiny_cfg.data.test_ratio = 0.2
     test = build_split_dataset(tiny_cfg, "test")
     sp = {k.split("_")[0] for k, _, _ in test.pairs}
@@ -283,3 +286,42 @@ def test_prepare_registers_phases(tmp_path, capsys, caplog):
     # without registration the (same-grid) venous volume is written unchanged
     src = venous[5:-5, 5:-5][..., ks]
     np.testing.assert_allclose(v_none, (src - src.min()) / (src.max() - src.min()), atol=1e-5)
+
+
+def test_patient_split_without_split_file(tmp_path, tiny_cfg, caplog):
+    """Issue 12: without data.split_file validation no longer equals training: patients are split at
+    random with data.split_seed (logged); no patient is in two splits; the same seed gives the same split."""
+    from fda_vae.data import build_datasets, build_split_dataset, split_ids
+
+    pats = [f"MR{i}" for i in range(10)]
+    _write_slices(tmp_path / "d", patients=pats, n=2, size=8)
+    tiny_cfg.data.source = "folder"
+    tiny_cfg.data.root = str(tmp_path / "d")
+    tiny_cfg.data.split_file = ""
+    caplog.set_level("INFO", logger="fda_vae")
+    train, val = build_datasets(tiny_cfg)
+    tp = {k.split("_")[0] for k, _, _ in train.pairs}
+    vp = {k.split("_")[0] for k, _, _ in val.pairs}
+    assert len(vp) == 2 and len(tp) == 8 and not tp & vp and tp | vp == set(pats)  # ⌊0.2·10⌋ = 2
+    assert len(train) == 16 and len(val) == 4  # every slice of a patient stays with that patient
+    assert any("split at random (seed data.split_seed=42" in r.getMessage() for r in caplog.records)
+    assert any("8 train / 2 val patients" in r.getMessage() for r in caplog.records)
+    # deterministic under the seed; another seed draws other validation patients
+    assert split_ids(tiny_cfg) == split_ids(tiny_cfg) and sorted(split_ids(tiny_cfg)["val"]) == sorted(vp)
+    vals = set()
+    for seed in (0, 1, 2, 3):
+        tiny_cfg.data.split_seed = seed
+        vals.add(tuple(sorted(split_ids(tiny_cfg)["val"])))
+    assert len(vals) > 1
+    # an optional test split works without the list too: three disjoint patient sets
+    tiny_cfg.data.split_seed, tiny_cfg.data.test_ratio = 42, 0.2
+    ids = split_ids(tiny_cfg)
+    assert [len(ids[k]) for k in ("train", "val", "test")] == [6, 2, 2]
+    assert set(ids["val"]) == vp and set().union(*ids.values()) == set(pats)
+    assert not (set(ids["train"]) & set(ids["test"]))
+    assert {k.split("_")[0] for k, _, _ in build_split_dataset(tiny_cfg, "test").pairs} == set(ids["test"])
+    # one patient cannot be split
+    _write_slices(tmp_path / "one", patients=["MR1"], n=2, size=8)
+    tiny_cfg.data.root, tiny_cfg.data.test_ratio = str(tmp_path / "one"), 0.0
+    with pytest.raises(UserError, match="1 patient"):
+        build_datasets(tiny_cfg)

@@ -227,9 +227,6 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
         raise UserError(
             "data.root is empty; pass data.root=/path/to/slices (root/<phase>/<patient>_<slice>.nii.gz)"
         )
-    if not d.split_file:
-        ds = SlicePairDataset(d.root, d.phase_a, d.phase_b, d.image_size, sort=d.sort_pairs)
-        return ds, ds
     ids = split_ids(cfg)
     return (
         SlicePairDataset(d.root, d.phase_a, d.phase_b, d.image_size, ids["train"], d.sort_pairs),
@@ -237,15 +234,48 @@ def build_datasets(cfg) -> tuple[Dataset, Dataset]:
     )
 
 
-def split_ids(cfg) -> dict[str, list[str]]:
-    """Patient IDs per split from ``data.split_file``: official train/val, plus test when ``data.test_ratio > 0``."""
+def folder_patients(cfg) -> list[str]:
+    """Sorted unique patient IDs that have at least one slice pair under ``data.root``."""
     d = cfg.data
-    classes = parse_lesion_list(d.split_file)
+    return sorted({patient_of(k) for k, _, _ in find_pairs(d.root, d.phase_a, d.phase_b, d.sort_pairs)})
+
+
+def split_ids(cfg) -> dict[str, list[str]]:
+    """Patient IDs per split: train/val, plus test when ``data.test_ratio > 0``.
+
+    With ``data.split_file`` the official lesion-stratified split (per class in file order). Without it,
+    the patients found under ``data.root`` form one class and go through the same procedure: sorted,
+    shuffled by ``random.Random(data.split_seed)``, the first max(1, ⌊val_ratio·n⌋) are val (then the
+    next max(1, ⌊test_ratio·n⌋) test), the rest train. No patient is in two splits.
+    """
+    d = cfg.data
+    if d.split_file:
+        classes = parse_lesion_list(d.split_file)
+    else:
+        patients = folder_patients(cfg)
+        need = 3 if d.test_ratio > 0 else 2
+        if len(patients) < need:
+            raise UserError(
+                f"{d.root}: {len(patients)} patient(s) found; a patient-level split needs at least {need} "
+                "(add patients, or give data.split_file)"
+            )
+        classes = [patients]
     if d.test_ratio > 0:
         train, val, test = three_way_split(classes, d.val_ratio, d.test_ratio, d.split_seed)
-        return {"train": train, "val": val, "test": test}
-    train, val, _ = stratified_split(classes, d.val_ratio, d.split_seed)
-    return {"train": train, "val": val}
+        ids = {"train": train, "val": val, "test": test}
+    else:
+        train, val, _ = stratified_split(classes, d.val_ratio, d.split_seed)
+        ids = {"train": train, "val": val}
+    if not d.split_file:
+        log.info(
+            "data.split_file not set: patients split at random (seed data.split_seed=%d, data.val_ratio=%g%s): "
+            "%s patients",
+            d.split_seed,
+            d.val_ratio,
+            f", data.test_ratio={d.test_ratio:g}" if d.test_ratio > 0 else "",
+            " / ".join(f"{len(v)} {k}" for k, v in ids.items()),
+        )
+    return ids
 
 
 def build_split_dataset(cfg, split: str) -> Dataset:
@@ -253,8 +283,8 @@ def build_split_dataset(cfg, split: str) -> Dataset:
     d = cfg.data
     if split in ("train", "val"):
         return build_datasets(cfg)[0 if split == "train" else 1]
-    if d.source != "folder" or not d.split_file or d.test_ratio <= 0:
-        raise UserError("split 'test' needs folder data with data.split_file and data.test_ratio > 0")
+    if d.source != "folder" or d.test_ratio <= 0:
+        raise UserError("split 'test' needs folder data and data.test_ratio > 0")
     return SlicePairDataset(d.root, d.phase_a, d.phase_b, d.image_size, split_ids(cfg)["test"], d.sort_pairs)
 
 
