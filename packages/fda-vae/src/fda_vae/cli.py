@@ -30,11 +30,31 @@ def _load_cfg(path: str | None, overrides: Sequence[str] = ()):
     return load_config(Config, path, list(overrides))
 
 
+AMP_CHOICES = ("off", "bf16", "fp16")
+AMP_HELP = (
+    "mixed precision on CUDA (fp16 uses a GradScaler); ignored (off) on CPU, so CPU results never change"
+)
+
+
+def _add_amp(p: argparse.ArgumentParser, default: str | None, extra: str = "") -> None:
+    p.add_argument("--amp", choices=AMP_CHOICES, default=default, help=AMP_HELP + extra)
+
+
 # ------------------------------------------------------------------------------------------- train
+def add_train(p: argparse.ArgumentParser) -> None:
+    add_train_arguments(p)
+    _add_amp(p, None, " (default: the config's train.amp, off)")
+
+
+def train_overrides(args: argparse.Namespace) -> list[str]:
+    """The config overrides of ``train``: the ``key=value`` arguments, then ``--amp`` as ``train.amp``."""
+    return [*args.overrides, *([f"train.amp={args.amp}"] if args.amp else [])]
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
-    result = train(_load_cfg(args.config, args.overrides), resume=args.resume)
+    result = train(_load_cfg(args.config, train_overrides(args)), resume=args.resume)
     from medsynth_core.distributed import is_main_process
 
     if is_main_process():
@@ -63,13 +83,16 @@ def add_synthesize(p: argparse.ArgumentParser) -> None:
         help="intensities of the written image: model = [-1,1], unit = [0,1]",
     )
     p.add_argument("--device", default="cpu")
+    _add_amp(p, "off")
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
     from medsynth_core.io import MedicalIOError, list_images
 
+    from .amp import autocast, resolve_amp
     from .infer import load_generator, synthesize_file
 
+    amp = resolve_amp(args.amp, args.device, "--amp")
     model, cfg = load_generator(args.checkpoint, args.device)
     src = Path(args.input)
     if src.is_dir():
@@ -80,21 +103,22 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
         targets = [(f, Path(args.output) / f.name) for f in files]
     else:
         targets = [(src, Path(args.output))]
-    done = [
-        synthesize_file(
-            model,
-            cfg,
-            a,
-            b,
-            src=args.direction[0],
-            sample=args.sample,
-            seed=args.seed,
-            batch_size=args.batch_size,
-            device=args.device,
-            output_range=args.output_range,
-        )
-        for a, b in targets
-    ]
+    with autocast(amp, args.device):
+        done = [
+            synthesize_file(
+                model,
+                cfg,
+                a,
+                b,
+                src=args.direction[0],
+                sample=args.sample,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                device=args.device,
+                output_range=args.output_range,
+            )
+            for a, b in targets
+        ]
     _print(done)
     return 0
 
@@ -167,6 +191,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", nargs="+", choices=["a2b", "b2a"], default=["a2b", "b2a"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
+    _add_amp(p, "off")
     p.add_argument(
         "overrides",
         nargs="*",
@@ -179,11 +204,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medsynth_core.atomic import atomic_write_text
     from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts, parse_overrides
 
+    from .amp import autocast, resolve_amp
     from .config import Config
     from .data import build_split_dataset
     from .evaluate import build_lpips, evaluate_model, rows_to_csv
     from .infer import load_generator
 
+    amp = resolve_amp(args.amp, args.device, "--amp")
     results, all_rows, tasks = [], [], {}
     for ckpt in args.checkpoint:
         model, cfg = load_generator(ckpt, args.device)
@@ -195,17 +222,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         ds = build_split_dataset(cfg, args.split)
         lp = build_lpips(cfg.eval.lpips_weights, args.device)
-        summary, rows = evaluate_model(
-            model,
-            ds,
-            args.directions,
-            args.modes,
-            cfg.eval.batch_size,
-            args.seed,
-            lp,
-            cfg.eval.per_volume,
-            args.device,
-        )
+        with autocast(amp, args.device):
+            summary, rows = evaluate_model(
+                model,
+                ds,
+                args.directions,
+                args.modes,
+                cfg.eval.batch_size,
+                args.seed,
+                lp,
+                cfg.eval.per_volume,
+                args.device,
+            )
+        summary["amp"] = amp
         names = {"a": cfg.data.phase_a, "b": cfg.data.phase_b}
         if cfg.data.source == "phantom":
             names = dict(zip("ab", cfg.data.phantom_phases, strict=True))
@@ -330,7 +359,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", cmd_train, add_train_arguments),
+    Verb("train", "train the model (single process or under torchrun)", cmd_train, add_train),
     Verb(
         "synthesize",
         "translate 2D slices or whole 3D NIfTI volumes from one phase to the other",

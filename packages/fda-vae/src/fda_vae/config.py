@@ -150,8 +150,16 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     threads: int = 0
+    # mixed precision on CUDA: off (official: no AMP) | bf16 | fp16 (with a GradScaler); ignored (off) on CPU.
+    # YAML reads a bare `off` as false, which means "off" too
+    amp: str | bool = "off"
 
     def __post_init__(self) -> None:
+        if self.amp is False:
+            self.amp = "off"
+        require(
+            self.amp in ("off", "bf16", "fp16"), "train.amp", f"must be off, bf16 or fp16, got {self.amp!r}"
+        )
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr_g > 0 and self.lr_d > 0, "train.lr", "must be > 0")
         require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")

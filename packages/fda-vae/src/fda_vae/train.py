@@ -22,6 +22,7 @@ from medsynth_core.config import config_to_dict, save_config
 from medsynth_core.metrics import psnr
 from medsynth_core.viz import save_grid
 
+from .amp import autocast, grad_scaler, resolve_amp
 from .config import KIND, Config
 from .losses import PerceptualLoss, discriminator_loss, generator_loss, reconstruction_loss
 from .model import FDAVAE, GeneratorOutput, build_discriminators, build_generator
@@ -72,6 +73,8 @@ class Trainer:
         self.opt_d = {k: torch.optim.Adam(v.parameters(), lr=tc.lr_d, **adam) for k, v in self.discs.items()}
         self.spikes: collections.deque[float] = collections.deque(maxlen=tc.skip_spike_window)
         self.skipped = 0
+        self.amp = resolve_amp(tc.amp, dev)  # "off" on CPU: CPU runs are plain fp32
+        self.scaler = grad_scaler(self.amp)  # enabled only for fp16; disabled it is the identity
 
     def set_lr(self, step: int, total: int) -> float:
         """Learning-rate factor of ``train.lr_schedule`` at ``step`` (0-based) of ``total`` (applied to G and
@@ -102,7 +105,8 @@ class Trainer:
         x_a = batch["a"].to(dev, non_blocking=True)
         x_b = batch["b"].to(dev, non_blocking=True)
         self.pair.train()
-        out_a, out_b = _unpack(self.pair(x_a, x_b))
+        with autocast(self.amp, dev):
+            out_a, out_b = _unpack(self.pair(x_a, x_b))
         if self.cfg.train.skip_spike:
             rec = float(reconstruction_loss(out_a, out_b, x_a, x_b).detach())
             if self.is_spike(rec):
@@ -112,20 +116,23 @@ class Trainer:
         logs: dict[str, float] = {}
         for k, real, fake in (("b", x_b, out_a.cross), ("a", x_a, out_b.cross)):
             self.opt_d[k].zero_grad(set_to_none=True)
-            loss_d = discriminator_loss(self.ddp_discs[k], real, fake)
-            loss_d.backward()
-            self.opt_d[k].step()
+            with autocast(self.amp, dev):
+                loss_d = discriminator_loss(self.ddp_discs[k], real, fake)
+            self.scaler.scale(loss_d).backward()
+            self.scaler.step(self.opt_d[k])
             logs[f"d_{k}"] = float(loss_d.detach())
         # G against the just-updated critics (plain modules, frozen for this pass)
         for d in self.discs.values():
             d.requires_grad_(False)
         try:
             self.opt_g.zero_grad(set_to_none=True)
-            g = generator_loss(
-                self.cfg.loss, out_a, out_b, x_a, x_b, self.discs["a"], self.discs["b"], self.perceptual
-            )
-            g.total.backward()
-            self.opt_g.step()
+            with autocast(self.amp, dev):
+                g = generator_loss(
+                    self.cfg.loss, out_a, out_b, x_a, x_b, self.discs["a"], self.discs["b"], self.perceptual
+                )
+            self.scaler.scale(g.total).backward()
+            self.scaler.step(self.opt_g)
+            self.scaler.update()  # once per iteration, after all three optimiser steps
         finally:
             for d in self.discs.values():
                 d.requires_grad_(True)
@@ -155,8 +162,9 @@ class Trainer:
             a = torch.stack([it["a"] for it in items]).to(dev)
             b = torch.stack([it["b"] for it in items]).to(dev)
             s = self.cfg.train.val_sampled
-            a2b = g.translate(a, "a", sample=s, generator=gen)
-            b2a = g.translate(b, "b", sample=s, generator=gen)
+            with autocast(self.amp, dev):
+                a2b = g.translate(a, "a", sample=s, generator=gen).float()
+                b2a = g.translate(b, "b", sample=s, generator=gen).float()
             sums["psnr_a2b"] += float(psnr(to01(a2b), to01(b), 1.0).clamp(max=100.0).sum())
             sums["psnr_b2a"] += float(psnr(to01(b2a), to01(a), 1.0).clamp(max=100.0).sum())
             sums["mae_a2b"] += float((a2b - b).abs().flatten(1).mean(1).sum())
@@ -175,7 +183,8 @@ class Trainer:
         items = [dataset[i] for i in range(min(n, len(dataset)))]
         a = torch.stack([it["a"] for it in items]).to(self.info.device)
         b = torch.stack([it["b"] for it in items]).to(self.info.device)
-        a2b, b2a = g.translate(a, "a"), g.translate(b, "b")
+        with autocast(self.amp, self.info.device):
+            a2b, b2a = g.translate(a, "a").float(), g.translate(b, "b").float()
         g.train()
         rows = [[a[i, 0].cpu(), a2b[i, 0].cpu(), b[i, 0].cpu(), b2a[i, 0].cpu()] for i in range(len(items))]
         titles = [["A", "A->B", "B", "B->A"]] + [[None] * 4] * (len(rows) - 1)
@@ -196,7 +205,12 @@ class Trainer:
             models=self.models(),
             optimizers=self.optimizers(),
             config=config_to_dict(self.cfg),
-            extra={"spikes": list(self.spikes), "skipped": self.skipped, "best_psnr": best},
+            extra={
+                "spikes": list(self.spikes),
+                "skipped": self.skipped,
+                "best_psnr": best,
+                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
+            },
         )
 
     def restore(self, ckpt: dict[str, Any], source: str) -> tuple[int, float]:
@@ -207,6 +221,8 @@ class Trainer:
         self.spikes.clear()
         self.spikes.extend(float(v) for v in extra.get("spikes", []))
         self.skipped = int(extra.get("skipped", 0))
+        if self.scaler.is_enabled() and extra.get("grad_scaler"):
+            self.scaler.load_state_dict(extra["grad_scaler"])
         return step, float(extra.get("best_psnr", -math.inf))
 
 
