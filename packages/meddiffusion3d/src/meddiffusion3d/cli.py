@@ -359,8 +359,14 @@ def _summary(args: argparse.Namespace) -> int:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "src",
-        help="official PatchVolume Lightning checkpoint (.ckpt) or BiFlowNet training checkpoint (.pt; both are "
-        "read with weights_only=False: convert only files you trust)",
+        help="official PatchVolume Lightning checkpoint (.ckpt) or BiFlowNet training checkpoint (.pt), read "
+        "without unpickling code (weights_only)",
+    )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a file that holds pickled objects beyond tensors with full pickle (can run code: only "
+        "for files you trust)",
     )
     p.add_argument("dst", help="output medsynth checkpoint (.pt)")
     p.add_argument(
@@ -377,7 +383,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    print(json.dumps(convert_checkpoint(args.src, args.dst, args.official_config, args.overrides), indent=2))
+    print(json.dumps(convert_checkpoint(args.src, args.dst, args.official_config, args.overrides, args.trust_pickle), indent=2))
     return 0
 
 

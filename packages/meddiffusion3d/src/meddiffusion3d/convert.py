@@ -133,14 +133,12 @@ def convert_state_dict(
     return {"ae": ae, "disc": disc}, {"ignored": ignored, "unmapped": unmapped}
 
 
-def load_official(ckpt_path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"{path}: official checkpoint not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot be read as a PyTorch/Lightning checkpoint ({exc})") from exc
+def load_official(ckpt_path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, Any]:
+    """The official file, read without unpickling code (``weights_only`` + a small allow-list); a file that
+    needs more (e.g. Lightning hyper-parameters as omegaconf objects) is refused unless ``trust_pickle``."""
+    from medsynth_core.checkpoint import load_official_file
+
+    return load_official_file(ckpt_path, trust_pickle=trust_pickle)
 
 
 def convert_checkpoint(
@@ -148,10 +146,11 @@ def convert_checkpoint(
     dst: str | os.PathLike,
     official_config: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Convert an official ``.ckpt`` to a medsynth checkpoint (``kind=meddiffusion3d-ae``); official BiFlowNet
     checkpoints are recognised and go to :func:`convert_biflownet_checkpoint`."""
-    raw = load_official(src)
+    raw = load_official(src, trust_pickle)
     if is_official_biflownet(raw):
         return convert_biflownet_checkpoint(src, dst, official_config, overrides, raw=raw)
     cfg_src = None
@@ -236,9 +235,9 @@ def convert_biflownet_checkpoint(
     official_config: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
     raw: Any = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Official BiFlowNet checkpoint (``{"model", "ema", "args", ...}``, read with ``weights_only=False``: only
-    convert files you trust) → a ``meddiffusion3d train``-style checkpoint (model + EMA; ``generate`` uses the EMA).
+    """Official BiFlowNet checkpoint (``{"model", "ema", "args", ...}``, read safely by :func:`load_official`) → a ``meddiffusion3d train``-style checkpoint (model + EMA; ``generate`` uses the EMA).
 
     ``official_config``: a JSON/YAML file of official ``BiFlowNet(...)`` constructor kwargs, for models whose sizes
     differ from the training script's defaults (heads, groups, sub-volume); ``overrides``: ``biflownet.k=v``."""
@@ -250,7 +249,7 @@ def convert_biflownet_checkpoint(
     from .config import build_biflownet
     from .diffusion import ModelEMA
 
-    raw = load_official(src) if raw is None else raw
+    raw = load_official(src, trust_pickle) if raw is None else raw
     out = convert_official_biflownet_checkpoint(raw)
     ctor = None
     if official_config is not None:

@@ -160,12 +160,18 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the official YAML the model was trained with (its _BASE_ chain beside it)",
     )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a file that holds pickled objects beyond tensors with full pickle (can run code: only "
+        "for files you trust)",
+    )
 
 
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_official
 
-    print(json.dumps(convert_official(args.src, args.dst, args.config, args.official_config), indent=2))
+    print(json.dumps(convert_official(args.src, args.dst, args.config, args.official_config, args.trust_pickle), indent=2))
     return 0
 
 

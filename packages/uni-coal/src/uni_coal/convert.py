@@ -157,10 +157,11 @@ def convert_official(
     dst: str | Path,
     config: str | Path | None = None,
     official_config: str | Path | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
     """Convert an official checkpoint (``latest_net_G.pth`` state dict, a dict with G/D/G_ema, or a fixture
     holding ``generator``/``discriminator`` entries with ``constructor``) into our checkpoint format."""
-    from medsynth_core.checkpoint import atomic_torch_save, build_checkpoint
+    from medsynth_core.checkpoint import atomic_torch_save, build_checkpoint, load_official_file
     from medsynth_core.config import config_to_dict, load_config
 
     from .config import Config
@@ -169,10 +170,7 @@ def convert_official(
     src = Path(src)
     if not src.is_file():
         raise UserError(f"{src}: file not found")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise UserError(f"{src}: cannot be read by torch.load ({type(exc).__name__}: {exc})") from exc
+    obj = load_official_file(src, trust_pickle=trust_pickle)  # weights_only unless trusted (issue 18)
     if official_config is not None:
         cfg = config_from_official_yaml(official_config)
     else:

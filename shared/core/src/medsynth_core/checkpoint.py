@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 import re
 from collections.abc import Mapping
@@ -137,6 +138,56 @@ def load_checkpoint(
             f"{path}: this checkpoint belongs to '{ckpt.get('kind')}', not '{kind}'; pick a checkpoint of this model"
         )
     return ckpt
+
+
+def _official_safe_globals() -> list[Any]:
+    """Non-tensor objects that official checkpoints carry and that are safe to rebuild: argparse
+    namespaces of the training arguments and numpy scalars/dtypes of logged metrics."""
+    import argparse
+
+    allowed: list[Any] = [argparse.Namespace, np.dtype, np.ndarray]
+    core = getattr(np, "_core", None) or np.core
+    allowed += [core.multiarray.scalar, core.multiarray._reconstruct]
+    allowed += [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+    return allowed
+
+
+def load_official_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
+    """Read an official (foreign) checkpoint for ``convert-official`` without running pickled code.
+
+    Loads with ``weights_only=True`` plus :func:`_official_safe_globals`; a file that needs anything else is
+    refused with one line naming the objects and ``--trust-pickle``. ``trust_pickle=True`` loads it with full
+    pickle (which can execute code) after a warning: only for files you trust."""
+    import warnings
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: official checkpoint not found; check the path")
+    if trust_pickle:
+        warnings.warn(
+            f"{path}: loading with full pickle (--trust-pickle): this can run code stored in the file",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {exc})") from exc
+    try:
+        with torch.serialization.safe_globals(_official_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001
+            names = []
+        what = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "") if names else str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: holds pickled objects beyond tensors ({what}); refusing to unpickle them. If you trust "
+            "the file, pass --trust-pickle (full pickle can run code)"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {exc})") from exc
 
 
 def _key_report(missing: list[str], unexpected: list[str], limit: int = 12) -> str:
