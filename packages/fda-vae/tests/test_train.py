@@ -146,6 +146,9 @@ def test_resume_is_bit_exact(tmp_path):
     assert (run / "images" / "step_00000004.png").is_file() and (run / "metrics.jsonl").is_file()
     val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line]
     assert val and "psnr_a2b" in val[-1]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys))  # one row per step and split across the resume (issue 18)
 
 
 @pytest.mark.slow

@@ -132,3 +132,25 @@ def test_due_interval_rule():
     assert [d for d in range(1, 4) if due(d, 1, 3)] == [1, 2, 3]
     with pytest.raises(ValueError, match=">= 0"):
         due(1, -1, 3)
+
+
+def test_runlogger_resume_drops_rows_after_the_resume_step(tmp_path):
+    """Issue 18: after a crash and resume, metrics.jsonl keeps one row per step and split."""
+    import json as _json
+
+    from medsynth_core.training import RunDir, RunLogger, truncate_metrics
+
+    run = RunDir.create(tmp_path, "pkg", "r")
+    with RunLogger(run, enabled=True, tensorboard=False) as lg:
+        for s in range(1, 6):
+            lg.log(s, {"loss": float(s)})
+        lg.log(4, {"psnr": 20.0}, prefix="val")
+    with open(run.metrics, "a") as f:
+        f.write('{"step": 6, "spl')  # a row cut by the crash
+    with RunLogger(run, enabled=True, tensorboard=False, resume_step=3) as lg:  # checkpoint at step 3
+        for s in range(4, 6):
+            lg.log(s, {"loss": 10.0 + s})
+    rows = [_json.loads(x) for x in run.metrics.read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (5, "train")]
+    assert rows[-1]["loss"] == 15.0
+    assert truncate_metrics(run.metrics, 10) == 0 and truncate_metrics(tmp_path / "none.jsonl", 0) == 0

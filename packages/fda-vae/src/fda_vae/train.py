@@ -258,7 +258,7 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
             log.info("resumed from %s at step %d", src, start)
         last: dict[str, float] = {}
         val: dict[str, float] = {}
-        with T.RunLogger(run) as logger:
+        with T.RunLogger(run, resume_step=start) as logger:
             for step, batch in T.progress(
                 loader.iterate(start, total), total=total, initial=start, desc=KIND
             ):

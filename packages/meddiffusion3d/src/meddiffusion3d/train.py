@@ -207,7 +207,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 )
 
         model.train()
-        with T.RunLogger(run) as logger:
+        with T.RunLogger(run, resume_step=start) as logger:
             bar = T.progress(loader.iterate(start, tc.steps), total=tc.steps, initial=start, desc="biflownet")
             for step, (z, y) in bar:
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -132,7 +132,7 @@ def train_ae(
         ae.train()
         disc.train()
         loss_fn.train()
-        with T.RunLogger(run) as logger:
+        with T.RunLogger(run, resume_step=start) as logger:
             bar = T.progress(
                 loader.iterate(start, sc.steps), total=sc.steps, initial=start, desc=f"stage {stage}"
             )

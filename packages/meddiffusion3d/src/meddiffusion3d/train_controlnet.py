@@ -129,7 +129,7 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
             "latent_norm": [gen.norm.lo, gen.norm.hi],
         }
         m.train()
-        with T.RunLogger(run) as logger:
+        with T.RunLogger(run, resume_step=start) as logger:
             bar = T.progress(
                 loader.iterate(start, cc.steps), total=cc.steps, initial=start, desc="controlnet"
             )

@@ -207,7 +207,7 @@ def train(
         total = max_steps or cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
         last: dict[str, float] = {}
         t0 = time.time()
-        with T.RunLogger(run, enabled=info.is_main) as logger:
+        with T.RunLogger(run, enabled=info.is_main, resume_step=step) as logger:
             it = loader.iterate(step, total)
             if not quiet:
                 it = T.progress(it, total=total, initial=step, desc="uni-coal")

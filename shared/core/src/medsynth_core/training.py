@@ -164,15 +164,47 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
 
-class RunLogger:
-    """Rank-0 metric logging to the console, TensorBoard and ``metrics.jsonl``; silent elsewhere."""
+def truncate_metrics(path: str | os.PathLike, step: int) -> int:
+    """Keep the rows of a ``metrics.jsonl`` with ``step <= step`` (atomically); returns how many were dropped.
+    Unreadable lines (a row cut by a crash) are dropped too."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            ok = int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        from .atomic import atomic_write_text
 
-    def __init__(self, run: RunDir, enabled: bool | None = None, tensorboard: bool = True):
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+    return dropped
+
+
+class RunLogger:
+    """Rank-0 metric logging to the console, TensorBoard and ``metrics.jsonl``; silent elsewhere.
+
+    ``resume_step``: the step training resumes from; rows of ``metrics.jsonl`` logged after it (by the run
+    that crashed, and that will be logged again) are dropped first, so the file keeps one row per step and
+    split."""
+
+    def __init__(
+        self, run: RunDir, enabled: bool | None = None, tensorboard: bool = True, resume_step: int | None = None
+    ):
         self.run = run
         self.enabled = is_main_process() if enabled is None else enabled
         self._tb = None
         if self.enabled:
             run.path.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                truncate_metrics(run.metrics, resume_step)
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
