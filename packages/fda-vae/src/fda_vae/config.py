@@ -124,6 +124,14 @@ class DataConfig:
             0.0 <= self.test_ratio < 1.0 - self.val_ratio, "data.test_ratio", "must be in [0, 1 - val_ratio)"
         )
         require(len(self.phantom_phases) == 2, "data.phantom_phases", "must name two phases")
+        if self.source == "phantom":
+            from medsynth_core.phantoms import PHASE_NAMES
+
+            require(
+                set(self.phantom_phases) <= set(PHASE_NAMES) and len(set(self.phantom_phases)) == 2,
+                "data.phantom_phases",
+                f"must be two different phases of {list(PHASE_NAMES)}",
+            )
 
 
 @dataclass
@@ -162,6 +170,7 @@ class TrainConfig:
         )
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr_g > 0 and self.lr_d > 0, "train.lr", "must be > 0")
+        require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decides the run length)")
         require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")
         require(self.lr_decay_steps >= 0, "train.lr_decay_steps", "must be >= 0 (0: the run's total steps)")
         for key in ("ckpt_every", "sample_every", "log_every"):

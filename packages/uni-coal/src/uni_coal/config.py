@@ -158,6 +158,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("ckpt_every", "sample_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
+        require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        require(self.epochs >= 1, "train.epochs", "must be >= 1")
+        require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null: epochs)")
+        require(self.keep_last >= 1 and self.num_workers >= 0, "train", "needs keep_last >= 1, num_workers >= 0")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""train.lr_schedule: constant (the official LambdaLR ≡ 1) and the cosine extension the demo recipe uses."""
+"""Train config: train.lr_schedule (constant, the official LambdaLR ≡ 1; cosine, the demo recipe) and bad values."""
 
 from __future__ import annotations
 
@@ -50,3 +50,18 @@ def test_bad_schedule_values(tmp_path):
         load_config(Config, PKG / "configs" / "demo.yaml", [*tiny_overrides(tmp_path), "train.lr_schedule=step"])
     with pytest.raises(ConfigError, match="lr_decay_steps"):
         load_config(Config, PKG / "configs" / "demo.yaml", [*tiny_overrides(tmp_path), "train.lr_decay_steps=-1"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("train.max_steps=-5", "train.max_steps"), ("data.phantom_phases=[foo,venous]", "data.phantom_phases"),
+     ("data.phantom_phases=[venous,venous]", "data.phantom_phases")],
+)
+def test_bad_run_values_exit_2_naming_the_key(tmp_path, capsys, override, key):
+    """Issue 18: max_steps=-5 used to fall back to epochs (12,008 steps); a bad phase ended in a traceback."""
+    from fda_vae.cli import main
+
+    assert main(["train", "--config", str(PKG / "configs" / "demo.yaml"), f"out_root={tmp_path}", override]) == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "fda-vae").exists()
