@@ -105,3 +105,20 @@ def test_torchrun_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = load_checkpoint(tmp_path / "drdm" / "ddp" / "checkpoints" / "step_00000002.pt", kind="drdm")
     assert ckpt["step"] == 2 and len(ckpt["models"]["network"]) == 193
+
+
+def test_demo_resume_check_is_a_real_assertion(tmp_path):
+    """The demo's "resumed from step" check: passes for a real resume, fails when the step or file differ."""
+    from drdm.demo import check_resume
+
+    cfg = _cfg(tmp_path, "rc")
+    first = train(cfg, max_steps=2)
+    final = train(cfg)
+    assert first["start"] == 0 and final["start"] == 2 and final["resumed_from"].endswith("step_00000002.pt")
+    assert check_resume(first, final) == 2
+    with pytest.raises(RuntimeError, match="resume check failed"):
+        check_resume(first, {**final, "start": 0, "resumed_from": None})  # started afresh
+    with pytest.raises(RuntimeError, match="stored step 4"):
+        check_resume(first, {**final, "resumed_from": str(Path(final["run_dir"]) / "checkpoints" / "step_00000004.pt")})
+    with pytest.raises(RuntimeError, match="resume check failed"):
+        check_resume({**first, "step": 3}, final)

@@ -88,13 +88,28 @@ def _augment(args: argparse.Namespace) -> int:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    _add_sampling_args(p)
-    p.add_argument("--out", required=True, help="output folder for metrics.json and levels.csv")
+    add_config_arguments(p, required=False)
+    p.add_argument("--checkpoint", default=None, help="our checkpoint (needed unless only --segmentations)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder for metrics.json and the CSV files")
     p.add_argument("--levels", default="1,10,20,40,60,79", help="noise levels for forward statistics")
     p.add_argument("--seeds", type=int, default=4, help="seeds per level")
     p.add_argument("--image", default=None, help="NIfTI image for recovery statistics (default: a phantom)")
     p.add_argument(
         "--t-start", type=int, default=None, help="T' for recovery (default augment.start_noise_step)"
+    )
+    p.add_argument(
+        "--images",
+        default=None,
+        help="folder of images: per case and sample, fold ratio and |S phi| (mean/max, % of S) of phi and "
+        "Psi_rand (augment.aug_coe samples each) -> deformation.csv",
+    )
+    p.add_argument("--labels", default=None, help="label folder: the same figures inside the foreground mask")
+    p.add_argument(
+        "--segmentations",
+        default=None,
+        help="folder of predicted label maps scored against --labels: DSC, sensitivity, precision per "
+        "structure -> segmentation.csv",
     )
     p.add_argument(
         "--downstream", action="store_true", help="also run the tiny segmentation check on phantoms"
@@ -110,9 +125,32 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from .config import build_diffusion
     from .data import minmax, resize, to_tensor_layout
-    from .evaluate import downstream_check, forward_level_stats, recovery_stats, write_metrics
+    from .evaluate import (
+        augmentation_rows,
+        downstream_check,
+        forward_level_stats,
+        mean_rows,
+        recovery_stats,
+        segmentation_rows,
+        write_metrics,
+    )
 
+    metrics: dict = {}
+    csvs: dict = {}
+    if args.segmentations:
+        if not args.labels:
+            raise UserError("--segmentations needs --labels (the ground-truth label maps)")
+        rows = segmentation_rows(args.segmentations, args.labels)
+        metrics["segmentation"] = {"cases": len(rows), **mean_rows(rows)}
+        csvs["segmentation.csv"] = rows
+    if args.checkpoint is None:
+        if not args.segmentations:
+            raise UserError("evaluate needs --checkpoint (or only --segmentations with --labels)")
+        write_metrics(args.out, metrics, None, csvs)
+        print(json.dumps(metrics, indent=2))
+        return 0
     net, cfg = _net_and_cfg(args)
+    net = net.to(args.device)
     s, nd = cfg.diffusion.img_size, cfg.model.ndims
     try:
         levels = [int(v) for v in args.levels.split(",") if v.strip()]
@@ -128,11 +166,19 @@ def _evaluate(args: argparse.Namespace) -> int:
         x = torch.from_numpy(labelled_anatomy((s,) * nd, seed=3).image)[None, None]
     torch.manual_seed(0)
     t0 = cfg.augment.start_noise_step if args.t_start is None else args.t_start
-    metrics = {"forward_levels": rows, "recovery": recovery_stats(net, cfg, x, t0)}
+    metrics.update({"forward_levels": rows, "recovery": recovery_stats(net, cfg, x.to(args.device), t0)})
+    if args.images:
+        drows = augmentation_rows(net, cfg, args.images, args.labels, args.device)
+        metrics["deformation"] = {
+            "cases": len({r["case"] for r in drows}),
+            "samples": len(drows),
+            **mean_rows(drows),
+        }
+        csvs["deformation.csv"] = drows
     if args.downstream:
         metrics["downstream"] = downstream_check(net, cfg)
-    write_metrics(args.out, metrics, rows)
-    print(json.dumps(metrics["recovery"], indent=2))
+    write_metrics(args.out, metrics, rows, csvs)
+    print(json.dumps(metrics.get("deformation", metrics["recovery"]), indent=2))
     return 0
 
 
@@ -140,11 +186,16 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     m = run_demo(args.out)
+    rec = m["heldout"]["recovery"]
     print(
         json.dumps(
             {
                 "figure": str(Path(args.out) / "figure.png"),
                 "seconds": m["seconds"],
+                "recovery": {
+                    k: {n: round(v[n], 3) for n in ("cosine", "epe_ratio")} for k, v in rec["fields"].items()
+                },
+                "augment": {k: m["augment"][k] for k in ("phi", "psi_rand", "psi_rand_matched")},
                 "downstream": m.get("downstream"),
             },
             indent=2,

@@ -74,6 +74,12 @@ class TrainConfig:
     w_reg: float = 10.0  # lambda_3, regularisation Grad(['l1','negdetj'])
     detj_weight: float = 2.0  # weight of the official "negdetj" term inside L_reg (Q7)
     true_negdetj_weight: float = 0.0  # optional correct negative-Jacobian penalty (Q7 fix; 0 = faithful)
+    # eps of the distance loss |p'+U|^2 / (|U|^2 + eps) in the code's x100 units (official 1e-3, tuned at
+    # S=256, i.e. |U| ~ 0.08 px); at t=0 (U = 0) the loss is 1e7 |p'|^2, which stalls small demos (README)
+    dist_eps: float = 1.0e-3
+    # multiplies conv_out's default (PyTorch) initial weights and bias; 1 = official init, whose O(0.1)
+    # output fields are ~100x the targets (spec section 7), so short runs first spend steps shrinking them
+    out_init_scale: float = 1.0
     seed: int = 0
     ckpt_every: int = 500
     image_every: int = 500
@@ -86,6 +92,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require(self.batchsize >= 1, "train.batchsize", "must be >= 1")
         require(self.lr > 0, "train.lr", "must be > 0")
+        require(self.dist_eps > 0, "train.dist_eps", "must be > 0")
+        require(self.out_init_scale >= 0, "train.out_init_scale", "must be >= 0")
         require(self.steps >= 1, "train.steps", "must be >= 1")
         for key in ("ckpt_every", "image_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
@@ -98,6 +106,9 @@ class DataConfig:
     phantom_count: int = 16  # number of phantom images when source=phantom
     slices: bool = True  # 2D on 3D files: use every slice along the last disk axis (ACDC layout)
     normalise: Literal["minmax", "none"] = "minmax"  # official CMR loader min-max scales each slice
+    remove_background: bool = True  # 2D: official CMR loader's remove_background before min-max (spec 9)
+    preprocessed: bool = False  # files already resized/background-removed/scaled (official *_resize folders)
+    official: str = ""  # data_name of the official YAML this config was mapped from (cmr | lct), else empty
 
 
 @dataclass
@@ -106,11 +117,15 @@ class AugmentConfig:
     noise_step: int = 2  # T' increment every second sample (CMR 2, LCT 1)
     aug_coe: int = 32  # samples per slice / volume
     reverse_from_start: bool = False  # Q3 fix: reverse from T' instead of T-1 (official: always T-1)
-    label_mode: Literal["nearest", "linear_onehot_argmax", "image"] = "nearest"  # Q4 ('image' = official)
+    # Q4: 'image' = official (labels warped with the image interpolator: soft, may leave [0, 1]);
+    # fixes: 'nearest' (binary one-hot, sums to one), 'linear_onehot_argmax'
+    label_mode: Literal["nearest", "linear_onehot_argmax", "image"] = "image"
     keep_affine: bool = True  # Q12 fix: write outputs with the input's affine (official: identity)
     save_ddf: bool = True  # Q12 fix: write phi in voxel units
     save_noisy: bool = True  # also write the randomly deformed input (official NoiseImg files)
-    random_permute: bool = False  # official cumulative random flip/transpose before each sample (Q13)
+    random_permute: bool = (
+        True  # official cumulative random flip/transpose before each sample (Q13); false: fix
+    )
     batch: int = 8  # samples recovered together (no effect on the method; ignored with random_permute)
     seed: int = 0
 
@@ -182,6 +197,20 @@ OFFICIAL_IGNORED = {
 }
 
 
+# the official loaders hard-code their training folders per data_name (Dataloader/dataloader.py):
+# cmr: CMR_loader, 2D NIfTI slices, already resized + background-removed + scaled ('resize' in the path);
+# lct: LCT_loader, 3D .npy volumes, min-max scaled unless 'process' is in the path.
+OFFICIAL_DATA = {
+    "cmr": {
+        "root": "Data/Src_data/CMR_processed_rmbg_resize",
+        "ndims": 2,
+        "marker": "resize",
+        "slices": True,
+    },
+    "lct": {"root": "Data/Src_data/CTLung_processed", "ndims": 3, "marker": "process", "slices": False},
+}
+
+
 def is_official_yaml(data: dict[str, Any]) -> bool:
     return "net_name" in data or ("img_size" in data and "model" not in data and "diffusion" not in data)
 
@@ -203,12 +232,49 @@ def official_to_dict(data: dict[str, Any], source: str = "official config") -> d
     return out
 
 
+def _official_data(data: dict[str, Any], mapped: dict[str, Any], given: dict[str, Any], source: str) -> None:
+    """The data keys an official YAML implies (``data_name`` selects the official loader and its folder).
+
+    Overrides (``given``) win; the official "already preprocessed" rule (a marker in the folder name) is
+    applied to the final folder unless ``data.preprocessed`` is given. Never falls back to phantoms: an
+    unknown ``data_name`` without ``data.root`` is an error."""
+    name = str(data.get("data_name", "")).lower()
+    d_given = given.get("data", {}) if isinstance(given.get("data"), dict) else {}
+    if d_given.get("source") == "phantom":
+        return
+    spec = OFFICIAL_DATA.get(name)
+    if spec is None and not d_given.get("root"):
+        raise ConfigError(
+            f"{source}: official data_name '{name or '(missing)'}' has no official loader (known: "
+            f"{sorted(OFFICIAL_DATA)}); pass data.root=/path/to/training/images (or data.source=phantom)"
+        )
+    d = mapped.setdefault("data", {})
+    d["source"] = "folder"
+    if spec is not None:
+        nd = int(data.get("ndims", spec["ndims"]))
+        if nd != spec["ndims"]:
+            raise ConfigError(
+                f"{source}: data_name '{name}' is the official {spec['ndims']}D loader but ndims={nd}; "
+                f"fix ndims or pass data.root with data.slices"
+            )
+        d["official"] = name
+        d["root"] = spec["root"]
+        d["slices"] = spec["slices"]
+    root = str(d_given.get("root", d.get("root", "")))
+    if "preprocessed" not in d_given and spec is not None:
+        d["preprocessed"] = spec["marker"] in root
+        if name == "lct":
+            d["remove_background"] = False  # the LCT loader has no background removal
+
+
 def from_official(data: dict[str, Any], overrides=(), source: str = "official config") -> DRDMConfig:
     from medsynth_core.config import merge_dicts, parse_overrides
 
     mapped = official_to_dict(data, source)
-    if overrides:
-        mapped = merge_dicts(mapped, parse_overrides(list(overrides)))
+    given = parse_overrides(list(overrides)) if overrides else {}
+    _official_data(data, mapped, given, source)
+    if given:
+        mapped = merge_dicts(mapped, given)
     return config_from_dict(DRDMConfig, mapped, source=source)
 
 

@@ -10,10 +10,80 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from medsynth_core.io import MedicalIOError, list_images, read_image
+from medsynth_core.io import DEFAULT_IMAGE_PATTERNS, MedicalIOError, read_image
 from medsynth_core.phantoms import labelled_anatomy
 
 from .config import DRDMConfig
+
+NPY_PATTERN = "*.npy"  # official LCT source volumes (Data/Src_data/CTLung_processed/*.npy)
+
+
+def is_dicom_series(path: str | Path) -> bool:
+    """A folder holding at least one DICOM series (SimpleITK / GDCM)."""
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path)))
+    except Exception:  # noqa: BLE001 - unreadable folder: not a series
+        return False
+
+
+def list_inputs(folder: str | Path, npy: bool = False) -> list[Path]:
+    """Sorted inputs of ``folder``: image files (NIfTI, NRRD, MHA/MHD; ``.npy`` too with ``npy``) and
+    DICOM series (each sub-folder holding one is one input; a folder that is itself a series is one input).
+    Every path can be read with :func:`read_input`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "folder does not exist"
+        raise MedicalIOError(f"{folder}: {problem}; check the data path (it must be a folder of images)")
+    patterns = tuple(DEFAULT_IMAGE_PATTERNS) + ((NPY_PATTERN,) if npy else ())
+    found = {p for pat in patterns for p in folder.glob(pat) if p.is_file() and not p.name.startswith(".")}
+    found |= {p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".") and is_dicom_series(p)}
+    if not found and is_dicom_series(folder):
+        return [folder]
+    if not found:
+        raise MedicalIOError(
+            f"{folder}: folder holds no image (looked for {', '.join(patterns)} and DICOM series "
+            "sub-folders); put the images there or point to the right folder"
+        )
+    return sorted(found)
+
+
+def read_input(path: str | Path, dtype=np.float32):
+    """One input of :func:`list_inputs` as a :class:`medsynth_core.io.MedicalImage` (``.npy``: identity
+    affine, as the official LCT loader has no geometry)."""
+    from medsynth_core.io import MedicalImage
+
+    path = Path(path)
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path)
+        except Exception as exc:  # noqa: BLE001
+            raise MedicalIOError(f"{path}: cannot be read as a numpy array ({exc})") from exc
+        arr = np.asarray(arr, dtype=dtype if dtype is not None else arr.dtype)
+        if not np.all(np.isfinite(arr)):
+            raise MedicalIOError(f"{path}: contains NaN/Inf; clean the volume")
+        return MedicalImage(arr, np.eye(4), min(arr.ndim, 3))
+    return read_image(path, dtype=dtype)
+
+
+def remove_background(img: np.ndarray, num_bin: int = 256) -> np.ndarray:
+    """``Dataloader.dataloader_utils.remove_background`` of the official code (one channel, no blur;
+    spec section 9): the most frequent value among the integer bins ``[0,1), ..., [num_bin-2, num_bin-1]``
+    is taken, and the pixels **exactly equal** to that bin's integer value are set to the minimum of the
+    other pixels (typically the zero background is lifted to the darkest tissue value before min-max)."""
+    img = np.asarray(img)
+    hist, _ = np.histogram(img.ravel(), bins=range(num_bin))
+    common = int(np.argmax(hist))
+    mask = img == common
+    if mask.all() or not mask.any():  # the official code fails on an all-background image (min of nothing)
+        return img.copy()
+    out = img.copy()
+    out[mask] = img[~mask].min()
+    return out
 
 
 def to_tensor_layout(array: np.ndarray) -> np.ndarray:
@@ -54,17 +124,26 @@ class PhantomImages(Dataset):
 
 
 class FolderImages(Dataset):
-    """NIfTI (or any core-readable) images of a folder: 2D slices (every slice of 3D files) or 3D volumes,
-    resized to ``S`` per axis and min-max scaled (spec section 9)."""
+    """Images of a folder (NIfTI, NRRD, MHA, DICOM series, ``.npy``): 2D slices (every slice of 3D files) or
+    3D volumes. Official CMR loader order (spec section 9): resize to ``S`` per axis, ``remove_background``
+    (2D), min-max. ``preprocessed`` files (the official ``*_resize`` / ``*processed`` folders) are used as
+    they are, as the official loaders do."""
 
     def __init__(
-        self, root: str | Path, ndims: int, size: int, slices: bool = True, normalise: str = "minmax"
+        self,
+        root: str | Path,
+        ndims: int,
+        size: int,
+        slices: bool = True,
+        normalise: str = "minmax",
+        rm_background: bool = True,
+        preprocessed: bool = False,
     ):
-        files = list_images(root)
+        files = list_inputs(root, npy=True)
         self.ndims, self.size, self.normalise = ndims, size, normalise
         self.items: list[torch.Tensor] = []
         for f in files:
-            arr = to_tensor_layout(read_image(f).array)
+            arr = to_tensor_layout(read_input(f).array)
             if arr.ndim == ndims + 1 and arr.shape[-1] == 1:
                 arr = arr[..., 0]
             if ndims == 2 and arr.ndim == 3 and slices:
@@ -77,7 +156,18 @@ class FolderImages(Dataset):
                     f"set model.ndims or data.slices to match the files"
                 )
             for v in vols:
-                x = resize(torch.from_numpy(np.asarray(v, np.float32))[None], size)
+                x = torch.from_numpy(np.asarray(v, np.float32))[None]
+                if preprocessed:
+                    if any(int(n) != size for n in x.shape[1:]):
+                        raise MedicalIOError(
+                            f"{f}: data.preprocessed=true but the image is {tuple(x.shape[1:])}, not "
+                            f"{size} per axis; set data.preprocessed=false to resize and scale it"
+                        )
+                    self.items.append(x)
+                    continue
+                x = resize(x, size)
+                if rm_background and ndims == 2:
+                    x = torch.from_numpy(remove_background(x.numpy()))
                 if normalise == "minmax":
                     x = minmax(x)
                 self.items.append(x)
@@ -94,10 +184,23 @@ class FolderImages(Dataset):
 def build_dataset(cfg: DRDMConfig) -> Dataset:
     if cfg.data.source == "phantom":
         return PhantomImages(cfg.model.ndims, cfg.diffusion.img_size, cfg.data.phantom_count)
-    if not cfg.data.root:
+    d = cfg.data
+    if not d.root:
         raise MedicalIOError("data.root is empty: set data.root=/path/to/images (or data.source=phantom)")
+    if not Path(d.root).is_dir():
+        hint = f" (the official {d.official} config reads it there)" if d.official else ""
+        raise MedicalIOError(
+            f"data.root={d.root}: training folder does not exist{hint}; pass data.root=/path/to/images, "
+            "or data.source=phantom to train on phantoms"
+        )
     return FolderImages(
-        cfg.data.root, cfg.model.ndims, cfg.diffusion.img_size, cfg.data.slices, cfg.data.normalise
+        d.root,
+        cfg.model.ndims,
+        cfg.diffusion.img_size,
+        d.slices,
+        d.normalise,
+        rm_background=d.remove_background,
+        preprocessed=d.preprocessed,
     )
 
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from medsynth_core.cli import UserError
-from medsynth_core.io import MedicalImage, list_images, read_image, write_image
+from medsynth_core.io import MedicalImage, MedicalIOError, read_image, write_image
 
 from .config import DRDMConfig, build_diffusion
-from .data import minmax, resize, to_tensor_layout
+from .data import is_dicom_series, list_inputs, minmax, read_input, resize, to_tensor_layout
 from .deform import DeformationDiffusion, compose, warp
 
 log = logging.getLogger("drdm.infer")
@@ -150,19 +150,26 @@ def field_to_grid(phi: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def _find_label(image: Path, label_dir: Path) -> Path:
+    """The label of ``image`` in ``label_dir``: same name, or ``<stem>_gt`` / ``_seg`` / ``_label`` / ``_GT``
+    with the image's extension or as NIfTI; a DICOM series folder of the same name also counts."""
     name = image.name
-    stem = name[:-7] if name.endswith(".nii.gz") else image.stem
-    ext = name[len(stem) :]
-    for cand in (name, f"{stem}_gt{ext}", f"{stem}_seg{ext}", f"{stem}_label{ext}", f"{stem}_GT{ext}"):
-        if (label_dir / cand).is_file():
-            return label_dir / cand
+    stem = _stem(image)
+    exts = [name[len(stem) :]] if not image.is_dir() else []
+    exts += [e for e in (".nii.gz", ".nii") if e not in exts]
+    cands = [name] + [f"{stem}{suf}{ext}" for suf in ("_gt", "_seg", "_label", "_GT") for ext in exts]
+    for cand in cands:
+        p = label_dir / cand
+        if p.is_file() or (p.is_dir() and is_dicom_series(p)):
+            return p
     raise UserError(
-        f"{image}: no label file in {label_dir} (looked for {name}, {stem}_gt{ext}, {stem}_seg{ext}, "
-        f"{stem}_label{ext}); give every image a label or drop --labels"
+        f"{image}: no label file in {label_dir} (looked for {', '.join(cands[:5])}, ...); give every image a "
+        "label or drop --labels"
     )
 
 
 def _stem(p: Path) -> str:
+    if p.is_dir():
+        return p.name
     return p.name[:-7] if p.name.endswith(".nii.gz") else p.stem
 
 
@@ -288,7 +295,10 @@ def augment_folder(
     """``drdm augment``: for every image (every z-slice in 2D mode) write ``aug_coe`` deformed images,
     deformed labels and DDFs (voxels, components along the disk axes i, j[, k]) as NIfTI with the input's affine."""
     a, nd = cfg.augment, cfg.model.ndims
-    files = list_images(images)
+    try:
+        files = list_inputs(images)
+    except MedicalIOError as exc:
+        raise UserError(str(exc)) from exc
     if limit:
         files = files[:limit]
     out = Path(out)
@@ -298,7 +308,7 @@ def augment_folder(
     written: list[str] = []
     preview = None
     for f in files:
-        img = read_image(f)
+        img = read_input(f)
         arr = to_tensor_layout(img.array)
         lab_arr = None
         if labels is not None:

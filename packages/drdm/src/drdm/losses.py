@@ -17,10 +17,11 @@ def recovery_target_warp(
     return warp(pred, u_lab, mode="bilinear", padding_mode=padding_mode)
 
 
-def distance_loss(p: torch.Tensor, u_lab: torch.Tensor) -> torch.Tensor:
-    """``mean ||p'+U||^2 / (||U||^2 + eps)`` with the code's x100 scaling and eps 1e-3 (losses.py MRSE)."""
+def distance_loss(p: torch.Tensor, u_lab: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``mean ||p'+U||^2 / (||U||^2 + eps)`` with the code's x100 scaling and eps 1e-3 (losses.py MRSE);
+    ``eps`` is ``train.dist_eps``."""
     p, u = 100.0 * p, 100.0 * u_lab
-    return torch.mean(torch.sum(torch.square(p + u), 1) / (torch.sum(torch.square(u), 1) + 1e-3))
+    return torch.mean(torch.sum(torch.square(p + u), 1) / (torch.sum(torch.square(u), 1) + eps))
 
 
 def angle_loss(p: torch.Tensor, u_lab: torch.Tensor) -> torch.Tensor:
@@ -91,11 +92,12 @@ def drdm_loss(
     w_reg: float = 10.0,
     detj_weight: float = 2.0,
     true_negdetj_weight: float = 0.0,
+    dist_eps: float = 1e-3,
 ) -> dict[str, torch.Tensor]:
     """Total = 1 L_dist + 1 L_ang + 10 L_reg (spec section 7); returns every term."""
     p = recovery_target_warp(pred, u_lab, padding_mode)
     terms = {
-        "dist": distance_loss(p, u_lab),
+        "dist": distance_loss(p, u_lab, dist_eps),
         "ang": angle_loss(p, u_lab),
         "reg": regularisation_loss(pred, detj_weight=detj_weight, true_negdetj_weight=true_negdetj_weight),
     }

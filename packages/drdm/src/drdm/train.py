@@ -44,10 +44,14 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
         D.seed_everything(tc.seed)
         run = T.RunDir.create(cfg.out_dir, "drdm", cfg.name)
         net = build_network(cfg).to(info.device)
+        if tc.out_init_scale != 1.0:  # a resumed run overwrites this with the checkpoint's weights
+            with torch.no_grad():
+                net.conv_out.weight.mul_(tc.out_init_scale)
+                net.conv_out.bias.mul_(tc.out_init_scale)
         model = D.wrap_ddp(net, info)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=tc.lr)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=tc.keep_last)
-        start, _ = mgr.resume(resume, KIND, models={"network": net}, optimizers={"adam": opt})
+        start, resumed = mgr.resume(resume, KIND, models={"network": net}, optimizers={"adam": opt})
         if info.is_main:
             save_config(cfg, run.config)
         diffusion = build_diffusion(cfg, sampling=False)
@@ -77,6 +81,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                     tc.w_reg,
                     tc.detj_weight,
                     tc.true_negdetj_weight,
+                    tc.dist_eps,
                 )
                 if not math.isfinite(terms["loss"].item()):
                     raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
@@ -104,7 +109,13 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                         )
                     )
                 D.barrier()
-        return {"step": end, "run_dir": str(run.path), **{k: float(v) for k, v in last.items()}}
+        return {
+            "step": end,
+            "start": int(start),  # the step this call resumed from (0: fresh start)
+            "resumed_from": str(resumed) if resumed is not None else None,
+            "run_dir": str(run.path),
+            **{k: float(v) for k, v in last.items()},
+        }
 
 
 def load_network(path: str | Path, cfg: DRDMConfig | None = None, map_location: str = "cpu"):
