@@ -86,3 +86,17 @@ def test_official_weights_losses(official_net, source_image):
             dists.append(terms["dist"].item())
     assert sum(angs) / len(angs) <= -0.8
     assert sum(dists) / len(dists) <= 0.6
+
+
+def test_dist_eps_flag_both_behaviours():
+    """train.dist_eps: official 1e-3 (x100 units) makes a t=0 sample (U = 0) cost 1e7 |p'|^2; eps=1 costs 1e4."""
+    from drdm.losses import distance_loss
+
+    p = torch.full((1, 2, 4, 4), 1e-3)
+    zero = torch.zeros_like(p)
+    official = distance_loss(p, zero)
+    assert official.item() == pytest.approx(1e7 * 2 * 1e-6, rel=1e-5)
+    assert distance_loss(p, zero, eps=1.0).item() == pytest.approx(1e4 * 2 * 1e-6, rel=1e-5)
+    u = torch.full_like(p, 0.2)  # large targets: eps hardly matters, the loss stays a relative error
+    assert distance_loss(-u, u, 1.0).item() == 0.0
+    assert distance_loss(zero, u, 1.0).item() == pytest.approx(distance_loss(zero, u).item(), rel=3e-3)

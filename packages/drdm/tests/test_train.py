@@ -119,6 +119,28 @@ def test_demo_resume_check_is_a_real_assertion(tmp_path):
     with pytest.raises(RuntimeError, match="resume check failed"):
         check_resume(first, {**final, "start": 0, "resumed_from": None})  # started afresh
     with pytest.raises(RuntimeError, match="stored step 4"):
-        check_resume(first, {**final, "resumed_from": str(Path(final["run_dir"]) / "checkpoints" / "step_00000004.pt")})
+        check_resume(
+            first, {**final, "resumed_from": str(Path(final["run_dir"]) / "checkpoints" / "step_00000004.pt")}
+        )
     with pytest.raises(RuntimeError, match="resume check failed"):
         check_resume({**first, "step": 3}, final)
+
+
+def test_out_init_scale_flag(tmp_path):
+    """train.out_init_scale: 1 = PyTorch default init (official); 0.01 scales conv_out's initial weights."""
+    from drdm.config import build_network
+    from medsynth_core.distributed import seed_everything
+
+    cfg = _cfg(tmp_path, "init", "train.steps=1", "train.lr=1e-12")
+    seed_everything(cfg.train.seed)  # as train() does before building the network
+    ref = build_network(cfg).state_dict()
+    for scale, name in ((1.0, "one"), (0.01, "small")):
+        c = _cfg(tmp_path, name, "train.steps=1", "train.lr=1e-12", f"train.out_init_scale={scale}")
+        res = train(c)
+        sd = load_checkpoint(Path(res["run_dir"]) / "checkpoints" / "step_00000001.pt", kind="drdm")[
+            "models"
+        ]["network"]
+        torch.testing.assert_close(
+            sd["conv_out.weight"], scale * ref["conv_out.weight"], rtol=1e-5, atol=1e-9
+        )
+        torch.testing.assert_close(sd["b1.0.conv0.weight"], ref["b1.0.conv0.weight"], rtol=1e-5, atol=1e-9)
