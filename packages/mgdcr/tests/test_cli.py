@@ -225,18 +225,33 @@ def test_reconstruct_bad_inputs(tmp_path, micro_ckpt, capsys):
 
 
 def test_demo_end_to_end_micro(tmp_path):
+    """The demo verb's plumbing at micro scale (4 training steps, one held-out phantom): files, the held-out
+    block, resume once; the margins of the real recipe are checked in test_learns.py."""
     from mgdcr.demo import run_demo
 
-    s = run_demo(tmp_path / "demo", config=MICRO)
-    assert (tmp_path / "demo" / "figure.png").is_file()
-    m = json.loads((tmp_path / "demo" / "metrics.json").read_text())
-    assert set(m["methods"]) == {"linear", "nearest", "diffae_seed", "diffae_lax"}
-    assert (
-        m["methods"]["linear"]["acquired_psnr"] == 100.0
-    )  # linear interpolation is exact on acquired slices
-    assert np.isfinite(m["loss_last"]) and s["inverse_iterations"] == 3
-    ck = sorted((tmp_path / "demo" / "runs" / "mgdcr" / "micro" / "checkpoints").glob("step_*.pt"))
+    out = tmp_path / "demo"
+    s = run_demo(out, config=MICRO, overrides=["demo.heldout_seeds=[0]"])
+    assert (out / "figure.png").is_file()
+    m = json.loads((out / "metrics.json").read_text())
+    block = m["heldout"]
+    assert block["cases"] == 1 and set(block["baselines"]) == {"z_linear", "seeds"}
+    assert set(block["psnr_slice_mean_db"]["baselines"]) == {"z_linear", "seeds"}
+    assert np.isfinite(block["method"]) and s["ours"] == pytest.approx(block["method"])
+    assert m["inverse"]["iterations"] == [3] and m["train"]["resumed_at"] == 2
+    assert np.isfinite(m["train"]["final_loss"])
+    # z-linear is exact on the acquired slices of the dense volume
+    from medsynth_core.io import read_image
+
+    lin = read_image(out / "dense" / "seed000" / "z_linear.nii.gz").to_dhw()
+    sax = read_image(out / "heldout" / "seed000" / "input_sax.nii.gz").to_dhw()
+    np.testing.assert_allclose(lin[::4], sax, atol=1e-6)
+    ck = sorted((out / "runs" / "mgdcr" / "micro" / "checkpoints").glob("step_*.pt"))
     assert [p.name for p in ck] == ["step_00000002.pt", "step_00000004.pt"]
+    # held-out seeds that the training used are refused
+    from medsynth_core.cli import UserError
+
+    with pytest.raises(UserError, match="heldout_seeds"):
+        run_demo(tmp_path / "bad", config=MICRO, overrides=["demo.heldout_seeds=[1]"])
 
 
 def test_bench_cases_run_on_demo():
@@ -277,10 +292,12 @@ def test_demo_with_given_prior(tmp_path, micro_ckpt):
             "--prior",
             str(micro_ckpt),
             "inverse.iterations=1",
+            "demo.heldout_seeds=[0]",
         ]
     )
     assert rc == 0
     m = json.loads((tmp_path / "d" / "metrics.json").read_text())
-    assert m["prior"] == str(micro_ckpt) and m["train_steps"] is None and m["inverse_iterations"] == 1
+    assert m["train"]["prior"] == str(micro_ckpt) and m["train"]["steps"] is None
+    assert m["inverse"]["iterations"] == [1] and m["heldout"]["cases"] == 1
     assert not (tmp_path / "d" / "runs").exists()  # nothing was trained
     assert (tmp_path / "d" / "figure.png").is_file()

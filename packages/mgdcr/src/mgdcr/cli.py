@@ -293,11 +293,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ demo / summary
 def _add_demo(p: argparse.ArgumentParser) -> None:
     demo_arguments(PROG)(p)
-    p.add_argument("--config", default=None, help="demo config (default: the bundled configs/demo.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="demo recipe (default: the bundled configs/toy.yaml, ~4 min on one CPU)",
+    )
     p.add_argument(
         "--prior",
         default=None,
-        help="use this trained prior checkpoint instead of training the demo prior (e.g. a 2k-step demo run)",
+        help="use this trained prior checkpoint instead of training the demo prior (e.g. an earlier demo run's)",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. inverse.iterations=30"
@@ -391,7 +395,7 @@ VERBS = [
     ),
     Verb(
         "demo",
-        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        "train the demo prior on phantoms (resume once), reconstruct held-out phantoms, score vs z-linear",
         _demo,
         _add_demo,
     ),

@@ -36,9 +36,16 @@ class DataConfig:
     phantom_subjects: int = 4
     phantom_frames: int = 4
     phantom_slices: int = 8
+    phantom_pixel_spacing: float = 1.5  # mm; the anatomy is scaled to fit the field of view and the stack
+    phantom_slice_spacing: float = 8.0  # mm (medsynth_core.phantoms.cardiac_cine)
+    phantom_slice_offset: float = 0.0  # mm along the long axis; < 0 adds slices above the base
+    phantom_supersample: int = 1  # in-plane sub-samples per pixel axis (partial volume); 1: point samples
 
     def __post_init__(self) -> None:
         require(0 < self.percentile <= 100, "data.percentile", "must be in (0, 100]")
+        require(self.phantom_pixel_spacing > 0, "data.phantom_pixel_spacing", "must be > 0 (mm)")
+        require(self.phantom_slice_spacing > 0, "data.phantom_slice_spacing", "must be > 0 (mm)")
+        require(self.phantom_supersample >= 1, "data.phantom_supersample", "must be >= 1")
         require(0 <= self.val_fraction < 1, "data.val_fraction", "must be in [0, 1)")
 
 
@@ -46,6 +53,9 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 25  # per GPU; 4 x 25 = 100 global (spec §1.3)
     lr: float = 1e-4  # Adam, weight decay 0, no warm-up
+    # extension (the fork keeps lr constant): "cosine" decays lr to 0 at train.steps after a linear warm-up
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr (0: none, as the fork)
     ema_decay: float = 0.9999  # every step, all weights and buffers
     grad_clip: float = 1.0  # global norm
     steps: int = 756789  # released ckpt step (fork's total_samples is ignored, spec §1.3)
@@ -61,6 +71,7 @@ class TrainConfig:
         require(self.lr > 0, "train.lr", "must be > 0")
         require(0 <= self.ema_decay <= 1, "train.ema_decay", "must be in [0, 1]")
         require(self.steps >= 1, "train.steps", "must be >= 1")
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         for key in ("ckpt_every", "sample_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
@@ -93,6 +104,7 @@ class InverseConfig:
     geometry_from_kept_slices: bool = True  # fix: spacing/origin from kept slices (fork uses Z_orig)
     flip_h: bool = True  # flip the H axis to the UKB orientation (fork) and back on output
     freeze_ends: bool = False  # ex10 freezes the two end slices
+    freeze_acquired: bool = False  # extension: keep every acquired slice at its encoding (ex8 optimises them)
 
     def __post_init__(self) -> None:
         require(self.K >= 1, "inverse.K", "must be >= 1")
@@ -129,6 +141,27 @@ class LatentConfig:
 
 
 @dataclass
+class DemoConfig:
+    """Held-out evaluation of ``mgdcr demo`` (``../shared/LEARNING.md``): phantom subjects whose seeds the
+    training never used (training uses seeds 1..data.phantom_subjects). The sparse stack has ``n_slices``
+    slices ``slice_spacing`` mm apart (pixel spacing: ``data.phantom_pixel_spacing``); the dense grid adds
+    ``inverse.K − 1`` slices per gap, and the score is taken on those (the non-acquired dense slices)."""
+
+    heldout_seeds: list[int] = field(default_factory=lambda: [200, 201, 202])
+    n_slices: int = 5
+    slice_spacing: float = 8.0
+    slice_offset: float = 0.0  # mm along the long axis (cardiac_cine); < 0 moves the base between slices
+    n_frames: int = 2
+    frame: int = 0
+
+    def __post_init__(self) -> None:
+        require(len(self.heldout_seeds) >= 1, "demo.heldout_seeds", "needs at least one phantom seed")
+        require(self.n_slices >= 2, "demo.n_slices", "must be >= 2")
+        require(self.slice_spacing > 0, "demo.slice_spacing", "must be > 0 (mm)")
+        require(0 <= self.frame < self.n_frames, "demo.frame", "must be in [0, demo.n_frames)")
+
+
+@dataclass
 class Config:
     name: str = "paper"
     seed: int = 0
@@ -140,3 +173,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     inverse: InverseConfig = field(default_factory=InverseConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)

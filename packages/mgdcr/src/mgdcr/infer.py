@@ -213,16 +213,27 @@ def reconstruct(
             plane_targets.append((p, y, roi))
         g, m = None, None
 
-    xt = xt0.clone().requires_grad_(True)
-    z = z0.clone().requires_grad_(True)
+    # frozen slices (ex10: the two ends; ``freeze_acquired``: every acquired slice) keep their seeds, so they
+    # are decoded once (``seeds``) and only the free slices go through the differentiable decoder
+    frozen = torch.zeros(D, dtype=torch.bool)
+    if cfg.freeze_ends:
+        frozen[[0, -1]] = True
+    if cfg.freeze_acquired:
+        frozen[:: cfg.K] = True
+    free = (~frozen).nonzero()[:, 0]
+    fixed_x = seeds.to(dtype).detach()
+    acq_idx = torch.arange(0, D, cfg.K)
+    xt = xt0[free].clone().requires_grad_(True)
+    z = z0[free].clone().requires_grad_(True)
+    xt0_f, z0_f = xt0[free], z0[free]
     opt = torch.optim.Adam([xt, z], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
-    acq_idx = torch.arange(0, D, cfg.K)
     best, bad = math.inf, 0
     history: list[dict[str, float]] = []
     it = 0
-    for it in range(1, cfg.iterations + 1):
-        x = prior.decode(xt, z, grad=True)
+    for it in range(1, (cfg.iterations if len(free) else 0) + 1):
+        x_free = prior.decode(xt, z, grad=True)
+        x = fixed_x.index_copy(0, free, x_free) if bool(frozen.any()) else x_free
         if g_t is not None:
             l_lax = lax_volume_loss(x, g_t, m_t, cfg.mask_target, cfg.mask_eps)
             l_lax_total = (cfg.lambda_lax * l_lax).sum()
@@ -233,9 +244,9 @@ def reconstruct(
                 mk = mk.to(dtype) * roi
                 l_lax = l_lax + (mk * (ax - y) ** 2).sum() / (mk.sum() + cfg.mask_eps)
             l_lax_total = cfg.lambda_lax * l_lax
-        l_lat = latent_loss(xt, z, xt0, z0)
+        l_lat = latent_loss(xt, z, xt0_f, z0_f)  # 0 for the frozen slices
         l_s = smoothness_loss(x)
-        loss = l_lax_total + (cfg.lambda_lat * l_lat + cfg.lambda_smooth * l_s).sum()
+        loss = l_lax_total + (cfg.lambda_lat * l_lat).sum() + (cfg.lambda_smooth * l_s).sum()
         if cfg.lambda_sax > 0:
             loss = loss + cfg.lambda_sax * ((x[acq_idx] - sax_t) ** 2).mean()
         mean_loss = float(loss.detach()) / D
@@ -250,17 +261,11 @@ def reconstruct(
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.freeze_ends:
-            for v in (xt, z):
-                v.grad[[0, -1]] = 0
         opt.step()
         sched.step()
         with torch.no_grad():  # pull back towards the seeds (spec §3.7)
-            xt.lerp_(xt0, cfg.pullback)  # = (1−α)v + α v0, exact when v = v0
-            z.lerp_(z0, cfg.pullback)
-            if cfg.freeze_ends:
-                xt[[0, -1]] = xt0[[0, -1]]
-                z[[0, -1]] = z0[[0, -1]]
+            xt.lerp_(xt0_f, cfg.pullback)  # = (1−α)v + α v0, exact when v = v0
+            z.lerp_(z0_f, cfg.pullback)
         # early stop on the pre-update per-slice loss (spec §3.7)
         if best - mean_loss > cfg.early_stop_tol:
             best, bad = mean_loss, 0
@@ -269,7 +274,10 @@ def reconstruct(
             if bad >= cfg.early_stop_patience:
                 log.info("early stop at iteration %d (loss %.6g)", it, mean_loss)
                 break
-    volume = prior.decode(xt.detach(), z.detach(), grad=False)
+    # only the free slices changed: decode them; the frozen ones are the (deterministic) decoded seeds
+    volume = fixed_x.clone()
+    if len(free):
+        volume[free] = prior.decode(xt.detach(), z.detach(), grad=False).to(dtype)
     return ReconResult(
         volume=volume.double().numpy().clip(0, 1),
         seeds=seeds.double().numpy().clip(0, 1),
@@ -277,7 +285,7 @@ def reconstruct(
         grid=grid,
         history=history,
         targets=(g, m) if g is not None else None,
-        iterations=it if cfg.iterations else 0,
+        iterations=it,
     )
 
 

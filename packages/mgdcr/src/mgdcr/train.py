@@ -3,6 +3,7 @@ single process or torchrun/DDP, exact resume through core's CheckpointManager.""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ from medsynth_core import distributed as D
 from medsynth_core import training as T
 from medsynth_core.config import config_to_dict, save_config
 
-from .config import Config
+from .config import Config, TrainConfig
 from .data import build_datasets
 from .diffusion import GaussianDiffusion
 from .model import DiffAE
@@ -53,8 +54,22 @@ def save_samples(
     save_grid(path, rows, value_range=(-1.0, 1.0), row_titles=["input", "recon x_T", "random x_T"])
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> Path:
-    """Run (or continue) training; returns the run directory."""
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """lr of the update that completes step ``step + 1`` (0-based ``step``). ``constant`` (the fork): ``lr``.
+    ``cosine`` (extension): linear warm-up over ``warmup_steps``, then ``lr·(1 + cos(π·p))/2`` with ``p`` the
+    fraction of the post-warm-up steps done, so a short CPU run ends at a small lr (the EMA then averages a
+    nearly converged model)."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_schedule == "constant":
+        return cfg.lr * warm
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    frac = min(1.0, max(0.0, (step - cfg.warmup_steps) / span))
+    return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def train(cfg: Config, resume: str | Path | None = None, until: int | None = None) -> Path:
+    """Run (or continue) training; returns the run directory. ``until`` stops (and checkpoints) after that
+    many steps of the ``train.steps`` run, keeping its lr schedule, so a later call resumes it exactly."""
     with D.distributed_session(cfg.device) as info:
         D.seed_everything(cfg.seed)
         run = T.RunDir.create(cfg.run_root, KIND, cfg.name)
@@ -93,10 +108,13 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
         with T.RunLogger(run) as logger:
             model.train()
+            end = cfg.train.steps if until is None else max(step, min(int(until), cfg.train.steps))
             for s, x in T.progress(
-                loader.iterate(step, cfg.train.steps), total=cfg.train.steps, initial=step, desc="mgdcr train"
+                loader.iterate(step, end), total=cfg.train.steps, initial=step, desc="mgdcr train"
             ):
                 x = x.to(info.device)
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(s, cfg.train)
                 if not torch.isfinite(x).all():
                     raise ValueError(f"non-finite training batch at step {s}")
                 t = torch.randint(0, diffusion.T, (x.shape[0],), device=info.device)
@@ -123,7 +141,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                         cfg.diffusion.eval_steps,
                         cfg.seed,
                     )
-                if T.due(done, cfg.train.ckpt_every, cfg.train.steps):
+                if T.due(done, cfg.train.ckpt_every, cfg.train.steps) or done == end:
                     save(done)
         D.barrier()
     return run.path

@@ -135,6 +135,7 @@ class CardiacPhantom:
         pixel_spacing: in-plane pixel size, mm (SAX and LAX).
         slice_spacing: SAX slice distance, mm.
         ed_frame: end-diastolic frame (0); es_frame: end-systolic frame (``n_frames // 2``).
+        supersample: in-plane sub-samples per pixel axis the images were rendered with (1: point samples).
     """
 
     sax: np.ndarray
@@ -146,27 +147,64 @@ class CardiacPhantom:
     slice_spacing: float
     ed_frame: int
     es_frame: int
+    supersample: int = 1
 
     def sample_scene(self, points_world, frame: float) -> tuple[np.ndarray, np.ndarray]:
         """Shortcut for ``self.scene.sample_scene(points_world, frame)``."""
         return self.scene.sample_scene(points_world, frame)
 
 
-def _render(
-    scene: CardiacScene, affine: np.ndarray, shape: tuple[int, ...], n_frames: int, noise: float, rng
-):
-    """Sample ``scene`` at every voxel centre of a grid (index order = array order) through ``affine``."""
-    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, len(shape))
+def render_grid(
+    scene: CardiacScene,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    frame: float,
+    supersample: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Image and labels of ``scene`` on a grid (index order = array order, ``affine`` maps the index to world
+    mm) at ``frame``.
+
+    ``supersample = s > 1`` averages the intensity over an ``s x s`` lattice of points inside each pixel's
+    footprint along the last two (in-plane) index axes, a box point-spread function like the finite in-plane
+    resolution of an MR image, so edges are partial-volume blends instead of point samples; the slice axis
+    (a 3D grid's first) stays a point sample. Labels are always those of the pixel centre. ``s = 1``: every
+    pixel is ``scene.sample_scene`` at ``affine @ index``.
+    """
+    nd = len(shape)
+    idx = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, nd)
     idx3 = np.zeros((idx.shape[0], 3))
-    idx3[:, : len(shape)] = idx
+    idx3[:, :nd] = idx
     pts = idx3 @ affine[:3, :3].T + affine[:3, 3]
+    img, lab = scene.sample_scene(pts, frame)
+    if supersample > 1:
+        offs = (np.arange(supersample) + 0.5) / supersample - 0.5
+        acc = np.zeros(idx.shape[0], dtype=np.float64)
+        for du in offs:
+            for dv in offs:
+                d = np.zeros(3)
+                d[nd - 2], d[nd - 1] = du, dv
+                acc += scene.sample_scene(pts + affine[:3, :3] @ d, frame)[0]
+        img = (acc / supersample**2).astype(np.float32)
+    return img.reshape(shape), lab.reshape(shape)
+
+
+def _render(
+    scene: CardiacScene,
+    affine: np.ndarray,
+    shape: tuple[int, ...],
+    n_frames: int,
+    noise: float,
+    rng,
+    supersample: int = 1,
+):
+    """:func:`render_grid` for every frame, with optional Rician noise."""
     imgs, labs = [], []
     for t in range(n_frames):
-        img, lab = scene.sample_scene(pts, t)
+        img, lab = render_grid(scene, affine, shape, t, supersample)
         if noise > 0:
             img = np.clip(_rician(img.astype(np.float64), noise, rng), 0.0, 1.0).astype(np.float32)
-        imgs.append(img.reshape(shape))
-        labs.append(lab.reshape(shape))
+        imgs.append(img)
+        labs.append(lab)
     return np.stack(imgs), np.stack(labs)
 
 
@@ -179,6 +217,8 @@ def cardiac_cine(
     seed: int = 0,
     lax_size: int | tuple[int, int] | None = None,
     noise: float = 0.0,
+    slice_offset: float = 0.0,
+    supersample: int = 1,
 ) -> CardiacPhantom:
     """Beating-heart cine phantom: short-axis stack plus 2ch/3ch/4ch long-axis planes.
 
@@ -189,10 +229,17 @@ def cardiac_cine(
     the base; LAX planes contain the long axis (4ch through both
     ventricles, 2ch through the LV only, 3ch in between). ``lax_size`` is the LAX image size (int for
     square, or (H, W)); by default it is square and large enough for 1.2 times the stack extent. With
-    ``noise=0`` every pixel equals ``scene.sample_scene`` at ``affine @ index``.
+    ``noise=0`` every pixel equals ``scene.sample_scene`` at ``affine @ index``. ``slice_offset`` (mm) shifts
+    the SAX stack along the long axis, to ``l = (s + 1/2) * slice_spacing + slice_offset`` (a negative offset
+    puts the base plane, where the ventricles end, between two acquired slices); the anatomy and the LAX
+    planes do not move. ``supersample`` (see :func:`render_grid`) renders SAX and LAX pixels as averages over
+    their in-plane footprint (partial volume); render a ground truth on another grid the same way with
+    ``render_grid(ph.scene, affine, shape, frame, ph.supersample)``.
     """
     if n_frames < 1 or n_slices < 1 or size < 8:
         raise ValueError(f"need n_frames >= 1, n_slices >= 1, size >= 8; got {n_frames}, {n_slices}, {size}")
+    if int(supersample) < 1:
+        raise ValueError(f"supersample must be >= 1, got {supersample}")
     rng = np.random.default_rng(seed)
     fov = size * pixel_spacing
     extent = n_slices * slice_spacing
@@ -233,13 +280,15 @@ def cardiac_cine(
     shift = 0.4 * epi_r  # centre the field of view between LV and RV
 
     row_dir, col_dir = e2, -e1  # RV (towards +e1) on the image left
-    centre = origin + 0.5 * slice_spacing * e3 + shift * e1
+    centre = origin + (0.5 * slice_spacing + float(slice_offset)) * e3 + shift * e1
     sax_affine = np.eye(4)
     sax_affine[:3, 0] = slice_spacing * e3
     sax_affine[:3, 1] = pixel_spacing * row_dir
     sax_affine[:3, 2] = pixel_spacing * col_dir
     sax_affine[:3, 3] = centre - (size - 1) / 2 * pixel_spacing * (row_dir + col_dir)
-    sax, sax_labels = _render(scene, sax_affine, (n_slices, size, size), n_frames, noise, rng)
+    sax, sax_labels = _render(
+        scene, sax_affine, (n_slices, size, size), n_frames, noise, rng, int(supersample)
+    )
 
     if lax_size is None:
         side = max(size, math.ceil(1.2 * extent / pixel_spacing))
@@ -259,7 +308,7 @@ def cardiac_cine(
         aff[:3, 1] = pixel_spacing * v
         aff[:3, 2] = pixel_spacing * normal
         aff[:3, 3] = c - (lax_hw[0] - 1) / 2 * pixel_spacing * e3 - (lax_hw[1] - 1) / 2 * pixel_spacing * v
-        img, lab = _render(scene, aff, lax_hw, n_frames, noise, rng)
+        img, lab = _render(scene, aff, lax_hw, n_frames, noise, rng, int(supersample))
         lax[view] = LaxPlane(img, lab, aff, view, ang)
     return CardiacPhantom(
         sax=sax,
@@ -271,4 +320,5 @@ def cardiac_cine(
         slice_spacing=float(slice_spacing),
         ed_frame=0,
         es_frame=int(n_frames) // 2,
+        supersample=int(supersample),
     )
