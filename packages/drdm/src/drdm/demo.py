@@ -254,14 +254,24 @@ def rescore_augment(folder: str | Path, s: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- figure
-def _grid_image(phi_vox: torch.Tensor, step: int = 4) -> np.ndarray:
-    """Grid lines every ``step`` voxels warped by ``phi`` (voxels), for the deformation-grid panels."""
-    s = phi_vox.shape[-1]
+ZOOM = 4  # figure panels are drawn at 4x the image size (the deformation grids need the resolution)
+
+
+def _grid_image(phi_vox: torch.Tensor, step: int = 8) -> np.ndarray:
+    """Grid lines (every ``step`` panel pixels, i.e. every 2 voxels at ``ZOOM`` 4) warped by ``phi`` (voxels),
+    drawn at ``ZOOM`` x the image size for the deformation-grid panels."""
+    s = phi_vox.shape[-1] * ZOOM
     g = np.zeros((s, s), np.float32)
-    g[::step, :] = 1.0
-    g[:, ::step] = 1.0
-    x = torch.from_numpy(g)[None, None]
-    return warp(x, phi_vox[None] / s, mode="bilinear", padding_mode="zeros")[0, 0].numpy()
+    g[step // 2 :: step, :] = 1.0
+    g[:, step // 2 :: step] = 1.0
+    up = torch.nn.functional.interpolate(
+        phi_vox[None].float() * ZOOM, size=(s, s), mode="bilinear", align_corners=False
+    )
+    return warp(torch.from_numpy(g)[None, None], up / s, mode="bilinear", padding_mode="zeros")[0, 0].numpy()
+
+
+def _zoom(img: np.ndarray) -> np.ndarray:
+    return np.repeat(np.repeat(img, ZOOM, axis=0), ZOOM, axis=1)
 
 
 def save_figure(path: Path, task: H.HeldoutTask, aug_rows: list[list[dict]], per_level: dict) -> None:
@@ -271,7 +281,7 @@ def save_figure(path: Path, task: H.HeldoutTask, aug_rows: list[list[dict]], per
     rows, titles, names = [], [], []
     shown = {}
     for case in task.images:
-        t = task.per_case[case]["metrics"]["t"]
+        t = int(task.per_case[case]["metrics"]["t"])
         if t not in shown:
             shown[t] = case
     for t, case in shown.items():
@@ -283,9 +293,9 @@ def save_figure(path: Path, task: H.HeldoutTask, aug_rows: list[list[dict]], per
         lim = float(np.abs(tgt).max()) or 1.0
         rng = (-lim, lim)
         rows.append(
-            [to_uint8(roles["input_image"], (0, 1))]
-            + [to_uint8(f, rng) for f in (tgt[0], prd[0], tgt[1], prd[1])]
-            + [to_uint8(roles["target"], (0, 1)), to_uint8(roles["pred"], (0, 1))]
+            [_zoom(to_uint8(roles["input_image"], (0, 1)))]
+            + [_zoom(to_uint8(f, rng)) for f in (tgt[0], prd[0], tgt[1], prd[1])]
+            + [_zoom(to_uint8(roles["target"], (0, 1))), _zoom(to_uint8(roles["pred"], (0, 1)))]
         )
         titles.append(
             [
@@ -301,10 +311,12 @@ def save_figure(path: Path, task: H.HeldoutTask, aug_rows: list[list[dict]], per
         names.append(f"recovery t={t}")
     for items in aug_rows[:2]:
         img0, lab0 = items[0]["original"].numpy(), items[0]["original_labels"].numpy()
-        row = [label_overlay(img0, lab0, value_range=(0, 1))]
+        row = [_zoom(label_overlay(img0, lab0, value_range=(0, 1)))]
         tit = ["image + labels"]
         for it in items:
-            row.append(label_overlay(it["image"].numpy(), it["onehot"].argmax(0).numpy(), value_range=(0, 1)))
+            row.append(
+                _zoom(label_overlay(it["image"].numpy(), it["onehot"].argmax(0).numpy(), value_range=(0, 1)))
+            )
             f = deformation_figures(it["ddf"], img0.shape[-1])
             tit.append(f"DRDM T'={it['t_start']} fold {100 * f['fold']:.1f}%")
         rows.append(row)
@@ -319,11 +331,15 @@ def save_figure(path: Path, task: H.HeldoutTask, aug_rows: list[list[dict]], per
         rows.append(grid)
         titles.append(gt)
         names.append("phi grids")
-        psi_row, psi_t = [to_uint8(img0, (0, 1))], ["image"]
+        psi_row, psi_t = [_zoom(to_uint8(img0, (0, 1)))], ["image"]
         for it in items[:2]:
             f = deformation_figures(it["psi_ddf"], img0.shape[-1])
             psi_row += [
-                label_overlay(it["noisy"].numpy(), it["noisy_onehot"].argmax(0).numpy(), value_range=(0, 1)),
+                _zoom(
+                    label_overlay(
+                        it["noisy"].numpy(), it["noisy_onehot"].argmax(0).numpy(), value_range=(0, 1)
+                    )
+                ),
                 to_uint8(_grid_image(it["psi_ddf"]), (0, 1)),
             ]
             psi_t += [
@@ -333,7 +349,7 @@ def save_figure(path: Path, task: H.HeldoutTask, aug_rows: list[list[dict]], per
         rows.append(psi_row)
         titles.append(psi_t)
         names.append("Psi_rand")
-    save_grid(path, rows, titles=titles, scale=4, row_titles=names)
+    save_grid(path, rows, titles=titles, scale=1, row_titles=names)
 
 
 # ------------------------------------------------------------------------------------------------- demo
