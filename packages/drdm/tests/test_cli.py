@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from drdm.cli import main
@@ -169,3 +170,10 @@ def test_bench_cases():
 
 
 # the demo end to end (train, resume, recovery, augmentation, files) is tests/test_learns.py
+
+
+@pytest.mark.parametrize("verb", ["train", "augment", "evaluate", "demo", "summary", "convert-official"])
+def test_every_verb_has_help(verb, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([verb, "--help"])
+    assert info.value.code == 0 and "usage: drdm" in capsys.readouterr().out

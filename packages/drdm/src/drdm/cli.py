@@ -101,7 +101,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--images",
         default=None,
-        help="folder of images: per case and sample, fold ratio and |S phi| (mean/max, % of S) of phi and "
+        help="folder of images: per case and sample, fold ratio and |S phi| (mean/max, %% of S) of phi and "
         "Psi_rand (augment.aug_coe samples each) -> deformation.csv",
     )
     p.add_argument("--labels", default=None, help="label folder: the same figures inside the foreground mask")
