@@ -232,6 +232,65 @@ def test_truncated_nifti(tmp_path):
     assert str(path) in msg and "corrupt or truncated" in msg and "re-export" in msg
 
 
+def _damaged_copies(tmp_path, image_cls):
+    import gzip
+
+    import nibabel as nib
+
+    arr = RNG.normal(size=(12, 10, 8)).astype(np.float32)
+    plain = tmp_path / "plain.nii"
+    nib.save(image_cls(arr, np.eye(4)), str(plain))
+    raw = plain.read_bytes()
+    packed = gzip.compress(raw)
+    flipped = bytearray(packed)
+    flipped[len(flipped) // 2] ^= 0xFF
+    cases = {
+        "no_trailer.nii.gz": (packed[:-8], "end-of-stream marker"),  # gzip cut after the last data block
+        "flipped.nii.gz": (bytes(flipped), "corrupt or truncated"),  # CRC (or deflate) error
+        "short.nii": (raw[:-500], f"declares {len(raw)} bytes"),  # plain file cut short
+        "short_packed.nii.gz": (gzip.compress(raw[:-500]), f"holds {len(raw) - 500}"),  # cut, then gzipped
+    }
+    out = []
+    for name, (data, needle) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        out.append((path, needle))
+    return out
+
+
+@pytest.mark.parametrize("nifti2", [False, True])
+def test_damaged_nifti_refused_everywhere(tmp_path, nifti2):
+    """Issue 18: nibabel reads a .nii.gz without its gzip trailer or with a flipped byte (it never reaches
+    the CRC), SimpleITK zero-fills truncated files; both are refused, by read_image and by
+    verify_file_complete (which packages reading through SimpleITK call first)."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    from medsynth_core.io import verify_file_complete
+
+    for path, needle in _damaged_copies(tmp_path, nib.Nifti2Image if nifti2 else nib.Nifti1Image):
+        for fn in (read_image, verify_file_complete):
+            with pytest.raises(MedicalIOError) as info:
+                fn(path)
+            msg = str(info.value)
+            assert msg.startswith(f"{path}: file is") and needle in msg and "re-download" in msg, msg
+            assert "\n" not in msg
+        if path.name != "flipped.nii.gz" and not nifti2:
+            assert sitk.ReadImage(str(path)).GetSize() == (12, 10, 8)  # why the check exists: a silent read
+    good = write_image(RNG.normal(size=(6, 5, 4)).astype(np.float32), tmp_path / "good.nii.gz")
+    assert verify_file_complete(good) is None and read_image(good).array.shape == (6, 5, 4)
+
+
+def test_damaged_gzip_sitk_format_refused(tmp_path):
+    """Any file whose name ends in .gz gets the stream check before SimpleITK sees it."""
+    import gzip
+
+    path = tmp_path / "vol.mha.gz"
+    path.write_bytes(gzip.compress(b"x" * 5000)[:-8])
+    with pytest.raises(MedicalIOError, match="vol.mha.gz: file is corrupt or truncated"):
+        read_image(path)
+
+
 def test_corrupt_sitk_file(tmp_path):
     path = tmp_path / "junk.mha"
     path.write_bytes(b"this is not an image")

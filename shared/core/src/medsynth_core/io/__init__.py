@@ -17,7 +17,7 @@ Conventions
 """
 
 
-from medsynth_core.io.files import list_images, read_image, write_image
+from medsynth_core.io.files import list_images, read_image, verify_file_complete, write_image
 from medsynth_core.io.geometry import (
     reorient_to_canonical,
     resample_to_reference,
@@ -32,6 +32,7 @@ __all__ = [
     "MedicalIOError",
     "MedicalImage",
     "read_image",
+    "verify_file_complete",
     "write_image",
     "to_sitk",
     "from_sitk",

@@ -3,7 +3,10 @@ writes) and listing the images of a folder."""
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,74 @@ def _is_nifti(path: Path) -> bool:
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
+_CHUNK = 1 << 22
+# NIfTI datatype code -> bits per voxel (NIfTI-1/2 standard table)
+_NIFTI_BITPIX = {2: 8, 4: 16, 8: 32, 16: 32, 32: 64, 64: 64, 128: 24, 256: 8, 512: 16, 768: 32, 1024: 64,
+                 1280: 64, 1536: 128, 1792: 128, 2048: 256, 2304: 32}
+
+
+def _nifti_expected_bytes(head: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file needs (vox_offset + voxels x bitpix/8) from its header, or None if the
+    header is not recognisable (then the reader's own checks apply)."""
+    for endian in "<>":
+        if len(head) >= 348 and struct.unpack(endian + "i", head[:4])[0] == 348:  # NIfTI-1
+            dims = struct.unpack(endian + "8h", head[40:56])
+            datatype = struct.unpack(endian + "h", head[70:72])[0]
+            offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            break
+        if len(head) >= 540 and struct.unpack(endian + "i", head[:4])[0] == 540:  # NIfTI-2
+            dims = struct.unpack(endian + "8q", head[16:80])
+            datatype = struct.unpack(endian + "h", head[12:14])[0]
+            offset = int(struct.unpack(endian + "q", head[168:176])[0])
+            break
+    else:
+        return None
+    ndim = dims[0]
+    if not 1 <= ndim <= 7 or datatype not in _NIFTI_BITPIX:
+        return None
+    voxels = 1
+    for d in dims[1 : ndim + 1]:
+        voxels *= max(int(d), 1)
+    return offset + voxels * _NIFTI_BITPIX[datatype] // 8
+
+
+def verify_file_complete(path: str | os.PathLike) -> None:
+    """Refuse a damaged file before a reader fills the gap with zeros (SimpleITK does, silently).
+
+    A gzip file is decompressed to its end in chunks, which checks the stream's end marker, CRC-32 and
+    length; a NIfTI file (plain or gzip) must hold at least the ``vox_offset + voxels x bitpix/8`` bytes
+    its header declares. Raises :class:`MedicalIOError` naming the file; returns None when complete.
+    """
+    path = Path(path)
+    fix = "the file is damaged (an interrupted copy or download?): re-export or re-download it"
+    head = b""
+    total = 0
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    if len(head) < 540:
+                        head += chunk[: 540 - len(head)]
+                    total += len(chunk)
+        else:
+            total = path.stat().st_size
+            with open(path, "rb") as fh:
+                head = fh.read(540)
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
+        raise _err(path, f"file is corrupt or truncated ({_short(exc)})", fix) from exc
+    if _is_nifti(path):
+        need = _nifti_expected_bytes(head)
+        if need is not None and total < need:
+            raise _err(
+                path,
+                f"file is truncated: its NIfTI header declares {need} bytes of header and voxels, "
+                f"the file holds {total}",
+                fix,
+            )
+
+
 def _read_nifti(path: Path) -> MedicalImage:
+    verify_file_complete(path)
     try:
         img = nib.load(str(path))
         arr = np.asanyarray(img.dataobj)  # force the read so truncation/corruption surfaces here
@@ -85,6 +155,7 @@ def _read_dicom_dir(path: Path) -> MedicalImage:
 
 
 def _read_sitk(path: Path) -> MedicalImage:
+    verify_file_complete(path)
     try:
         img = sitk.ReadImage(str(path))
     except Exception as exc:
