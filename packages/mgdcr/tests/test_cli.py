@@ -79,6 +79,39 @@ def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
     )
 
 
+class OfficialConf:
+    """Stands in for the official ``TrainConfig`` that Lightning pickles into ``hyper_parameters``."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_convert_official_pickled_hyper_parameters(tmp_path, ref_dir, capsys):
+    """A checkpoint whose hyper_parameters hold a pickled object is refused in one line (weights_only); with
+    --trust-pickle it loads and the pickled config supplies the constructor (issue 18)."""
+    d = torch.load(ref_dir / "official_tiny.pt", weights_only=False)["beatgans_autoenc_tiny"]
+    sd = d["state_dict"]
+    ckpt = {
+        "state_dict": {"ema_model." + k: v for k, v in sd.items()},
+        "hyper_parameters": {"conf": OfficialConf(**d["constructor"])},
+        "global_step": 3,
+    }
+    torch.save(ckpt, tmp_path / "official.ckpt")
+    args = ["convert-official", str(tmp_path / "official.ckpt"), str(tmp_path / "ours.pt")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--trust-pickle" in err and "OfficialConf" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ours.pt").exists()
+    with pytest.warns(RuntimeWarning, match="full pickle"):
+        assert main([*args, "--trust-pickle"]) == 0
+    from mgdcr.train import load_prior
+
+    model, _ = load_prior(tmp_path / "ours.pt")
+    with torch.no_grad():
+        out = model(d["inputs"]["x_t"], d["inputs"]["t"], z=d["inputs"]["cond_given"])
+    torch.testing.assert_close(out, d["outputs"]["pred_with_cond_given"], rtol=1e-4, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def micro_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")

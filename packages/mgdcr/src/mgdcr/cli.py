@@ -358,6 +358,12 @@ def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefix", default=None, help="state-dict prefix to use (default ema_model. when present)"
     )
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load a file that holds pickled objects beyond tensors (e.g. the official Lightning "
+        "hyper_parameters) with full pickle (can run code: only for files you trust)",
+    )
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -372,7 +378,7 @@ def _convert(args: argparse.Namespace) -> int:
         from .config import Config
 
         constructor = load_config(Config, args.config).model
-    res = convert_official(args.src, args.dst, constructor, args.prefix)
+    res = convert_official(args.src, args.dst, constructor, args.prefix, args.trust_pickle)
     print(f"wrote {res['dst']} ({res['n_keys']} tensors)")
     print(f"unmapped keys ({len(res['unmapped'])}): {res['unmapped'][:20]}")
     return 0

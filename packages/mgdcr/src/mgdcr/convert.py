@@ -109,27 +109,33 @@ def convert_state_dict(
     return out, unmapped
 
 
-def load_official(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: official checkpoint not found")
+def load_official(path: str | Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """Read an official checkpoint with ``weights_only=True`` (``medsynth_core.checkpoint.load_official_file``);
+    a Lightning file whose ``hyper_parameters`` hold pickled objects (the official ``TrainConfig``) is refused
+    in one line unless ``trust_pickle`` (full pickle can run code: only for files you trust)."""
+    from medsynth_core.checkpoint import CheckpointError, load_official_file
+
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{path}: cannot be read by torch.load ({exc})") from exc
-    return obj
+        return load_official_file(path, trust_pickle=trust_pickle)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from exc
 
 
 def convert_official(
-    src: str | Path, dst: str | Path, constructor: Mapping[str, Any] | None = None, prefix: str | None = None
+    src: str | Path,
+    dst: str | Path,
+    constructor: Mapping[str, Any] | None = None,
+    prefix: str | None = None,
+    trust_pickle: bool = False,
 ) -> dict[str, Any]:
-    """Convert an official Lightning ``.ckpt`` (or a plain state dict) into a medsynth checkpoint."""
+    """Convert an official Lightning ``.ckpt`` (or a plain state dict) into a medsynth checkpoint.
+    ``trust_pickle``: load a file holding pickled objects beyond tensors (see :func:`load_official`)."""
     from medsynth_core.checkpoint import atomic_torch_save, build_checkpoint
     from medsynth_core.config import config_to_dict
 
     from .config import Config
 
-    obj = load_official(src)
+    obj = load_official(src, trust_pickle)
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, Mapping) or not sd:
         raise UserError(f"{src}: no state_dict found")
