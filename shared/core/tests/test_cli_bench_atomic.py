@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,67 @@ def test_core_names_no_method():
         text = f.read_text(encoding="utf-8").lower()
         for word in banned:
             assert word not in text, f"{f.name} mentions '{word}': medsynth-core must not know any method"
+
+
+# ------------------------------------------------------------------------------------- output paths
+
+
+def test_check_output_path_refuses_files_in_the_way(tmp_path):
+    """Issue 18: an output that is an existing file (or under one) is one line naming it, before any work,
+    and nothing is created."""
+    from medsynth_core.atomic import check_output_path
+    from medsynth_core.errors import OutputPathError
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("x")
+    assert check_output_path(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    assert check_output_path(tmp_path / "out.nii.gz", folder=False) == tmp_path / "out.nii.gz"
+    with pytest.raises(OutputPathError, match="taken: output folder is an existing file, not a folder"):
+        check_output_path(blocker)
+    with pytest.raises(OutputPathError, match=r"sub: output folder cannot be created because .*taken is a file"):
+        check_output_path(blocker / "sub")
+    with pytest.raises(OutputPathError, match=r"a\.nii\.gz: output file cannot be created because"):
+        check_output_path(blocker / "a.nii.gz", folder=False, what="output file")
+    with pytest.raises(OutputPathError, match="is an existing folder, not a file"):
+        check_output_path(tmp_path, folder=False)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
+def test_check_output_path_refuses_unwritable(tmp_path):
+    from medsynth_core.atomic import check_output_path
+    from medsynth_core.errors import OutputPathError
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(OutputPathError, match="permission denied"):
+            check_output_path(locked / "run")
+        with pytest.raises(OutputPathError, match="not writable"):
+            check_output_path(locked)
+    finally:
+        locked.chmod(0o700)
+
+
+def test_rundir_and_cli_give_one_line_for_bad_output(tmp_path, capsys):
+    from medsynth_core.cli import Verb, run_cli
+    from medsynth_core.training import RunDir
+
+    blocker = tmp_path / "runs"
+    blocker.write_text("x")
+
+    def train(args):
+        RunDir.create(blocker, "pkg", "demo")
+
+    def write(args):
+        (blocker / "x.txt").write_text("y")  # an OS error the package did not foresee: still one line
+
+    verbs = [Verb("train", "t", train), Verb("write", "w", write)]
+    assert run_cli("pkg", "d", verbs, ["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pkg train: error:" in err and "run folder cannot be created" in err
+    assert run_cli("pkg", "d", verbs, ["write"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pkg write: error:" in err and "x.txt" in err
+    assert blocker.read_text() == "x"

@@ -77,7 +77,11 @@ def _augment_args(p: argparse.ArgumentParser) -> None:
 
 
 def _augment(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
+
     from .infer import augment_folder
+
+    check_output_path(args.out, what="--out")  # before loading anything (issue 18)
 
     net, cfg = _net_and_cfg(args)
     res = augment_folder(
@@ -119,6 +123,10 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
+
+    from medsynth_core.atomic import check_output_path
+
+    check_output_path(args.out, what="--out")  # before the evaluation (issue 18)
 
     from medsynth_core.io import read_image
     from medsynth_core.phantoms import labelled_anatomy

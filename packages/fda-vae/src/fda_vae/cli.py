@@ -87,12 +87,17 @@ def add_synthesize(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
     from medsynth_core.io import MedicalIOError, list_images
 
     from .amp import autocast, resolve_amp
     from .infer import load_generator, synthesize_file
 
     amp = resolve_amp(args.amp, args.device, "--amp")
+    if not Path(args.input).exists():
+        raise UserError(f"{args.input}: --input does not exist; pass a NIfTI file or a folder of them")
+    # before any work: a folder input writes a folder, a file input one file (issue 18)
+    check_output_path(args.output, folder=Path(args.input).is_dir(), what="--output")
     model, cfg = load_generator(args.checkpoint, args.device)
     src = Path(args.input)
     if src.is_dir():
@@ -157,7 +162,11 @@ def add_prepare(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
+
     from .data import prepare_lld_mmri
+
+    check_output_path(args.out, what="output root")
 
     _print(
         prepare_lld_mmri(
@@ -201,7 +210,7 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from medsynth_core.atomic import atomic_write_text
+    from medsynth_core.atomic import atomic_write_text, check_output_path
     from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts, parse_overrides
 
     from .amp import autocast, resolve_amp
@@ -211,6 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .infer import load_generator
 
     amp = resolve_amp(args.amp, args.device, "--amp")
+    check_output_path(args.out, what="--out")  # before the evaluation, not after it (issue 18)
     results, all_rows, tasks = [], [], {}
     for ckpt in args.checkpoint:
         model, cfg = load_generator(ckpt, args.device)

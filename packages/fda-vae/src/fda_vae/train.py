@@ -228,8 +228,11 @@ class Trainer:
 
 def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, Any]:
     """Run training for ``cfg``; resumes from ``resume`` or the run directory's latest checkpoint."""
+    from medsynth_core.atomic import check_output_path
+
     from .data import build_datasets
 
+    check_output_path(Path(cfg.out_root) / KIND / cfg.name, what="run folder")  # before the data (issue 18)
     T.set_num_threads(cfg.train.threads)
     with D.distributed_session(cfg.device) as info:
         D.seed_everything(cfg.train.seed)

@@ -16,6 +16,36 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def check_output_path(path: str | os.PathLike, folder: bool = True, what: str = "output folder") -> Path:
+    """Check, before any work and without creating anything, that ``path`` can be written as a folder
+    (``folder=True``) or as a file: no existing file where a folder is needed (itself or a parent), no
+    folder where a file is needed, and the nearest existing ancestor writable. Raises
+    :class:`~medsynth_core.errors.OutputPathError` naming the path and the fix; returns ``Path(path)``."""
+    from medsynth_core.errors import OutputPathError
+
+    path = Path(path)
+    if path.exists():
+        if folder and not path.is_dir():
+            raise OutputPathError(f"{path}: {what} is an existing file, not a folder; choose another path")
+        if not folder and path.is_dir():
+            raise OutputPathError(f"{path}: {what} is an existing folder, not a file; choose a file name")
+        if not os.access(path if folder else path.parent, os.W_OK):
+            raise OutputPathError(f"{path}: {what} is not writable (permission denied); choose another path")
+        return path
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputPathError(
+            f"{path}: {what} cannot be created because {parent} is a file, not a folder; choose another path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(
+            f"{path}: {what} cannot be created in {parent} (permission denied); choose a writable path"
+        )
+    return path
+
+
 def _fsync(path: Path, directory: bool = False) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a folder be fsynced
         fd = os.open(path, os.O_RDONLY)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import ConfigError
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputPathError
 
 EXIT_USER_ERROR = 2
 EXIT_NOT_IMPLEMENTED = 3
@@ -58,7 +58,19 @@ def demo_arguments(prog: str) -> Callable[[argparse.ArgumentParser], None]:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .io import MedicalIOError
 
-    return (ConfigError, CheckpointError, UserError, MedicalIOError, FileNotFoundError)
+    # OS errors on paths the user chose (an output that is a file, no permission) are one line too
+    return (
+        ConfigError,
+        CheckpointError,
+        UserError,
+        MedicalIOError,
+        OutputPathError,
+        FileNotFoundError,
+        PermissionError,
+        NotADirectoryError,
+        IsADirectoryError,
+        FileExistsError,
+    )
 
 
 def build_parser(prog: str, description: str, verbs: Sequence[Verb]) -> argparse.ArgumentParser:

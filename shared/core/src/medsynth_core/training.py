@@ -138,6 +138,9 @@ class RunDir:
     @classmethod
     def create(cls, root: str | os.PathLike, package: str, name: str) -> RunDir:
         run = cls(Path(root) / package / name)
+        from .atomic import check_output_path
+
+        check_output_path(run.path, what="run folder")  # one line before any work, not a traceback later
         if is_main_process():
             for sub in (run.checkpoints, run.images, run.tensorboard):
                 sub.mkdir(parents=True, exist_ok=True)
