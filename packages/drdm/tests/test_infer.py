@@ -250,3 +250,16 @@ def test_random_permute_flag(tmp_path):
     write_image(np.zeros((32, 24), np.float32), tmp_path / "rect" / "r.nii.gz")
     with pytest.raises(UserError, match="square"):
         augment_folder(net, cfg, tmp_path / "rect", tmp_path / "out2")
+
+
+def test_augment_warns_on_constant_image(tmp_path, caplog):
+    """Issue 18: an all-zero image passed through augment silently; now one warning names the file."""
+    import logging
+
+    write_image(np.zeros((32, 32), np.float32), tmp_path / "img" / "blank.nii.gz")
+    _phantom_folder(tmp_path)
+    cfg = load("demo", ["augment.aug_coe=1", "augment.start_noise_step=2", "augment.reverse_from_start=true"])
+    with caplog.at_level(logging.WARNING, logger="medsynth"):
+        augment_folder(build_network(cfg).eval(), cfg, tmp_path / "img", tmp_path / "out")
+    msgs = [r.getMessage() for r in caplog.records if r.name == "medsynth"]
+    assert len(msgs) == 1 and "blank.nii.gz: image is all zero" in msgs[0], msgs

@@ -240,3 +240,25 @@ def test_prepare_verb(tmp_path, capsys):
     assert main([*args, "--no-register"]) == 0  # noise volumes: registration is tested in test_data
     assert json.loads(capsys.readouterr().out)["slices"] == 5
     assert len(list((tmp_path / "out" / "c_v").glob("MR7_*.nii.gz"))) == 5
+
+
+def test_synthesize_warns_on_constant_input(trained, tmp_path, caplog):
+    """Issue 18: an all-zero or constant volume is normalised to zeros; synthesize still writes (the file
+    is valid) but says so in one warning naming the file; a normal volume gives no warning."""
+    import logging
+
+    ckpt, _ = trained
+    cases = {"zeros": np.zeros((12, 12, 3), np.float32), "const": np.full((12, 12, 3), 7.5, np.float32)}
+    cases["normal"] = np.random.default_rng(1).random((12, 12, 3)).astype(np.float32)
+    for name, vol in cases.items():
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="medsynth"):
+            argv = ["synthesize", "--checkpoint", ckpt, "--input", str(tmp_path / f"{name}.nii.gz")]
+            assert main([*argv, "--output", str(tmp_path / f"{name}_out.nii.gz")]) == 0
+        msgs = [r.getMessage() for r in caplog.records if r.name == "medsynth"]
+        if name == "normal":
+            assert msgs == []
+        else:
+            assert len(msgs) == 1 and msgs[0].startswith(str(tmp_path / f"{name}.nii.gz")), msgs
+            assert ("all zero" if name == "zeros" else "every voxel = 7.5") in msgs[0]

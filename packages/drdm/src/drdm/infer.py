@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from medsynth_core.cli import UserError
-from medsynth_core.io import MedicalImage, MedicalIOError, read_image, write_image
+from medsynth_core.io import MedicalImage, MedicalIOError, read_image, warn_if_constant, write_image
 
 from .config import DRDMConfig, build_diffusion
 from .data import is_dicom_series, list_inputs, minmax, read_input, resize, to_tensor_layout
@@ -310,6 +310,7 @@ def augment_folder(
     for f in files:
         img = read_input(f)
         arr = to_tensor_layout(img.array)
+        warn_if_constant(arr, str(f), "min-max normalisation gives an all-zero image")
         lab_arr = None
         if labels is not None:
             lf = _find_label(f, Path(labels))

@@ -13,7 +13,7 @@ from scipy import ndimage
 from medsynth_core.checkpoint import load_checkpoint, load_module_state
 from medsynth_core.cli import UserError
 from medsynth_core.config import config_from_dict
-from medsynth_core.io import MedicalImage, MedicalIOError, read_image, write_image
+from medsynth_core.io import MedicalImage, MedicalIOError, read_image, warn_if_constant, write_image
 
 from .config import KIND, Config
 from .data import resize_and_normalize
@@ -91,6 +91,7 @@ def synthesize_file(
         raise UserError(str(exc)) from exc
     dhw = img.to_dhw()  # (k, j, i) or (j, i)
     stack = dhw[None] if dhw.ndim == 2 else dhw
+    warn_if_constant(dhw, str(src_path), "every slice is min-max normalised to zeros")
     out = translate_slices(
         model, stack, src, cfg.data.image_size, sample, seed, batch_size, device, str(src_path)
     )

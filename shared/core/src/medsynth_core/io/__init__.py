@@ -25,7 +25,7 @@ from medsynth_core.io.geometry import (
     resample_to_spacing,
 )
 from medsynth_core.io.image import DEFAULT_IMAGE_PATTERNS, MedicalImage, MedicalIOError, from_sitk, to_sitk
-from medsynth_core.io.intensity import minmax_to_range, percentile_clip, window, zscore
+from medsynth_core.io.intensity import minmax_to_range, percentile_clip, warn_if_constant, window, zscore
 from medsynth_core.io.stores import H5ArrayReader, LMDBArrayReader, LMDBArrayWriter, write_h5
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "minmax_to_range",
     "percentile_clip",
     "zscore",
+    "warn_if_constant",
     "window",
     "list_images",
     "DEFAULT_IMAGE_PATTERNS",

@@ -97,3 +97,25 @@ def window(x: Any, center: float, width: float, out_range: tuple[float, float] =
     a, like = _norm_in(x)
     lo, hi = center - width / 2.0, center + width / 2.0
     return _norm_out(_rescale(np.clip(a, lo, hi), lo, hi, float(out_range[0]), float(out_range[1])), like)
+
+
+def warn_if_constant(x: Any, source: str, consequence: str = "the model sees an all-zero input") -> bool:
+    """Log one warning when an input image is constant (all-zero included): min-max normalisation maps it
+    to zeros, so whatever is written from it carries no information about the image (issue 18: such
+    inputs passed silently). Returns True when ``x`` is constant. ``source`` names the file."""
+    import logging
+
+    arr = _as_numpy(x)
+    if arr.size == 0:
+        return True
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    if hi > lo:
+        return False
+    what = "all zero" if lo == 0.0 else f"constant (every voxel = {lo:g})"
+    logging.getLogger("medsynth").warning(
+        "%s: image is %s; %s and the output is not informative (wrong file, or an empty mask?)",
+        source,
+        what,
+        consequence,
+    )
+    return True
