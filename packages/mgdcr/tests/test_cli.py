@@ -304,7 +304,7 @@ def test_reconstruct_heldout_protocol(tmp_path, micro_ckpt, capsys):
     assert main(args) == 0
     r = json.loads((tmp_path / "h" / "subj_sa_frame_0_heldout.json").read_text())
     assert r["heldout_index"] == 1  # n = 3: only the middle slice has both neighbours
-    assert set(r) == {"heldout_index", "linear", "nearest", "diffae_seed", "diffae_lax"}
+    assert set(r) == {"heldout_index", "linear", "nearest", "diffae_seed", "diffae_lax", "settings"}
     assert all(
         np.isfinite(r[k]["psnr"]) and 0 < r[k]["ssim"] <= 1 for k in ("linear", "diffae_seed", "diffae_lax")
     )

@@ -50,6 +50,7 @@ def _add_encode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=30, help="DDIM steps of the stochastic encoding (ddimN)")
     p.add_argument("--out", required=True, help="output .pt with x_T (n,1,H,W) and z_sem (n,Z)")
     p.add_argument("--device", default="auto")
+    _add_n4_flag(p)
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -57,17 +58,13 @@ def _encode(args: argparse.Namespace) -> int:
 
     from medsynth_core.distributed import resolve_device
 
-    from .data import load_cine
     from .diffusion import GaussianDiffusion
-    from .infer import DiffAEPrior, percentile_normalise
+    from .infer import DiffAEPrior
     from .train import load_prior
 
     dev = resolve_device(args.device)
     model, cfg = load_prior(args.checkpoint, dev)
-    arr, _ = load_cine(args.input)
-    _check_frame(args.input, arr, args.frame)
-    x = percentile_normalise(arr, cfg.data.percentile)[args.frame]
-    _check_size(args.input, x, cfg.model.image_size)
+    x, _, _ = _load_sax(args.input, args.frame, cfg, n4=cfg.inverse.n4 and not args.no_n4)
     d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
     prior = DiffAEPrior(model, d, args.steps, args.steps, flip_h=cfg.inverse.flip_h)
     xt, z = prior.encode(torch.as_tensor(x, dtype=torch.float32, device=dev))
@@ -75,6 +72,34 @@ def _encode(args: argparse.Namespace) -> int:
     torch.save({"x_T": xt.cpu(), "z_sem": z.cpu(), "steps": args.steps}, args.out)
     print(f"wrote {args.out}: x_T {tuple(xt.shape)}, z_sem {tuple(z.shape)}")
     return 0
+
+
+def _add_n4_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-n4",
+        action="store_true",
+        help="skip the N4 bias-field correction (SimpleITK) of the SAX cine and the LAX images, which the "
+        "official inference applies (= inverse.n4=false)",
+    )
+
+
+def _load_sax(path, frame: int, cfg, n4: bool):
+    """One SAX frame as the official inference prepares it (ex8 L161-176): N4 of the cine (SimpleITK, per
+    frame: it has no 4D N4; the fork runs ANTs on the 4D array), clip to [0, p98 of the 4D array] / p98.
+    Returns ``(frame in [0, 1], the raw frame before N4, (s,h,w) affine)``."""
+    import numpy as np
+
+    from .data import load_cine
+    from .infer import n4_correct, percentile_normalise
+
+    arr, aff = load_cine(path)
+    _check_frame(path, arr, frame)
+    raw = arr[frame].copy()
+    if n4:
+        arr = np.stack([n4_correct(f) for f in arr])
+    x = percentile_normalise(arr, cfg.data.percentile, cfg.data.include_zeros_in_percentile)[frame]
+    _check_size(path, x, cfg.model.image_size)
+    return x, raw, aff
 
 
 def _check_frame(path, arr, frame) -> None:
@@ -106,7 +131,17 @@ def _add_reconstruct(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SEED",
         help="ex10 held-out protocol instead of a full reconstruction: drop a seeded middle SAX slice, fill "
-        "2K-1 slices between its neighbours and score linear/nearest/DiffAE seed/DiffAE+LAX on it (JSON)",
+        "2K-1 slices between its neighbours and score linear/nearest/DiffAE seed/DiffAE+LAX on it (JSON), "
+        "with ex10's settings (lambda_lax 6, lambda_smooth 3, lr 1e-3, no N4, end slices frozen) under any "
+        "inverse.* overrides",
+    )
+    _add_n4_flag(p)
+    p.add_argument(
+        "--amp",
+        choices=("off", "fp16", "bf16"),
+        default=None,
+        help="mixed precision of the inverse optimisation on CUDA (default inverse.amp: fp16 autocast + "
+        "GradScaler, as the official); ignored on CPU, whose results never change",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="inverse.* overrides, e.g. inverse.K=8")
 
@@ -138,8 +173,38 @@ def _read_lax(path: str, frame: int, n4: bool = False):
         from .infer import n4_correct
 
         arr = n4_correct(arr[None])[0]
-    # spec §3.3: LAX (after N4 when data.n4) clipped at its 99th percentile to [0, 1]
+    # spec §3.3: LAX (after N4, as ex8) clipped at its 99th percentile to [0, 1]
     return LaxPlane(percentile_normalise(arr, 99.0), aff, Path(path).name)
+
+
+def _read_lax_volume(vol_path: str, mask_path: str, kept: list[int], n_orig: int, hw, K: int, n4: bool):
+    """Fork-style LAX data on the dense grid (ex8 L219-230): N4 (when ``n4``) and p99 of the file as written,
+    then, for a file on the dense grid of the whole stack (``K(Z-1)+1`` slices, as the official files are when
+    slices were dropped), the rows of the kept slices. A file on the kept slices' grid is taken as it is."""
+    import numpy as np
+
+    from medsynth_core.io import read_image
+
+    from .infer import n4_correct, percentile_normalise
+
+    g = read_image(vol_path, dtype=np.float64).to_dhw()
+    m = read_image(mask_path, dtype=np.float64).to_dhw()
+    if n4 and g.ndim == 3:
+        g = n4_correct(g)
+    g = percentile_normalise(g, 99.0)
+    d_kept, d_full = K * (len(kept) - 1) + 1, K * (n_orig - 1) + 1
+    out = []
+    for name, a in ((vol_path, g), (mask_path, m)):
+        if a.shape == (d_kept, *hw):
+            out.append(a)
+        elif a.shape == (d_full, *hw) and kept == list(range(kept[0], kept[-1] + 1)):
+            out.append(a[K * kept[0] : K * kept[-1] + 1])
+        else:
+            raise UserError(
+                f"{name}: shape {a.shape} does not match the dense grid {(d_kept, *hw)} (D = K(n-1)+1 with "
+                f"K={K}, n={len(kept)} kept slices) nor that of the whole stack {(d_full, *hw)}"
+            )
+    return out[0], (out[1] > 0).astype(np.float64)
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
@@ -148,51 +213,44 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
     from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts, parse_overrides
     from medsynth_core.distributed import resolve_device
-    from medsynth_core.io import MedicalImage, read_image, write_image
+    from medsynth_core.io import MedicalImage, write_image
 
     from .config import Config
-    from .data import load_cine
     from .diffusion import GaussianDiffusion
     from .geometry import dhw_to_ijk_affine
-    from .infer import DiffAEPrior, n4_correct, output_affine, percentile_normalise, reconstruct, save_panel
+    from .infer import EX10, DiffAEPrior, kept_slices, linear_interp_z, output_affine, reconstruct, save_panel
     from .train import load_prior
 
     dev = resolve_device(args.device)
     model, cfg = load_prior(args.checkpoint, dev)
-    cfg = config_from_dict(
-        Config, merge_dicts(config_to_dict(cfg), parse_overrides(args.overrides)), "overrides"
-    )
+    merged = config_to_dict(cfg)
+    if args.heldout is not None:  # ex10's settings, under the user's overrides
+        merged = merge_dicts(merged, {"inverse": dict(EX10)})
+    merged = merge_dicts(merged, parse_overrides(args.overrides))
+    flags = {}
+    if args.no_n4:
+        flags["n4"] = False
+    if args.amp is not None:
+        flags["amp"] = args.amp
+    cfg = config_from_dict(Config, merge_dicts(merged, {"inverse": flags}), "overrides")
     ic = cfg.inverse
-    arr, aff = load_cine(args.sax)
-    _check_frame(args.sax, arr, args.frame)
-    if cfg.data.n4:
-        arr = np.stack([n4_correct(f) for f in arr])
-    x = percentile_normalise(arr, cfg.data.percentile)[args.frame]
-    _check_size(args.sax, x, cfg.model.image_size)
-    kept = [i for i in range(x.shape[0]) if np.any(x[i])]  # drop all-zero slices (spec §2)
+    x, raw, aff = _load_sax(args.sax, args.frame, cfg, n4=ic.n4)
+    kept = kept_slices(x, ic.drop_empty)  # spec §2: where the official code drops slices (inverse.drop_empty)
     if len(kept) < 2:
         raise UserError(f"{args.sax}: fewer than two non-empty slices in frame {args.frame}")
     if ic.geometry_from_kept_slices and kept != list(range(kept[0], kept[-1] + 1)):
         raise UserError(
-            f"{args.sax}: empty slices inside the stack ({kept}); cannot build a regular dense grid"
+            f"{args.sax}: empty slices inside the stack ({kept}); cannot build a regular dense grid "
+            "(inverse.drop_empty=none keeps them)"
         )
     sax_aff = aff.copy()
     sax_aff[:3, 3] = aff[:3, 3] + kept[0] * aff[:3, 0]
-    planes = [_read_lax(p, args.frame, cfg.data.n4) for p in args.lax]
+    planes = [_read_lax(p, args.frame, ic.n4) for p in args.lax]
     targets = None
     if args.lax_volume or args.lax_mask:
         if not (args.lax_volume and args.lax_mask):
             raise UserError("--lax-volume and --lax-mask must be given together")
-        g = read_image(args.lax_volume, dtype=np.float64).to_dhw()
-        m = read_image(args.lax_mask, dtype=np.float64).to_dhw()
-        D = ic.K * (len(kept) - 1) + 1
-        for name, a in ((args.lax_volume, g), (args.lax_mask, m)):
-            if a.shape != (D, *x.shape[1:]):
-                raise UserError(
-                    f"{name}: shape {a.shape} does not match the dense grid {(D, *x.shape[1:])} "
-                    f"(D = K(n-1)+1 with K={ic.K}, n={len(kept)} kept slices)"
-                )
-        targets = (percentile_normalise(g, 99.0), (m > 0).astype(np.float64))
+        targets = _read_lax_volume(args.lax_volume, args.lax_mask, kept, x.shape[0], x.shape[1:], ic.K, ic.n4)
     if not planes and targets is None:
         raise UserError("give LAX views (--lax ...) or fork-style --lax-volume/--lax-mask")
     d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
@@ -204,18 +262,19 @@ def _reconstruct(args: argparse.Namespace) -> int:
         return _heldout(
             args, prior, x[kept], sax_aff, planes, ic, out / f"{stem}_frame_{args.frame}_heldout.json"
         )
-    res = reconstruct(prior, x[kept], sax_aff, planes, ic, targets=targets)
-    out_aff = output_affine(aff, kept, x.shape[0], ic.K, ic.geometry_from_kept_slices)
+    res = reconstruct(prior, x[kept], sax_aff, planes, ic, targets=targets, sax_raw=raw[kept])
+    out_aff = dhw_to_ijk_affine(output_affine(aff, kept, x.shape[0], ic.K, ic.geometry_from_kept_slices))
     D = res.volume.shape[0]
     path = out / f"{stem}_frame_{args.frame}_final_{D}slice.nii.gz"
-    write_image(MedicalImage.from_dhw(res.volume.astype(np.float32), dhw_to_ijk_affine(out_aff)), path)
-    write_image(
-        MedicalImage.from_dhw(res.seeds.astype(np.float32), dhw_to_ijk_affine(out_aff)),
-        out / f"{stem}_frame_{args.frame}_seeds_{D}slice.nii.gz",
-    )
+    for vol, name in (
+        (res.volume, path.name),
+        (res.seeds, f"{stem}_frame_{args.frame}_seeds_{D}slice.nii.gz"),
+        (linear_interp_z(x[kept], ic.K), f"{stem}_frame_{args.frame}_z_linear_{D}slice.nii.gz"),
+    ):
+        write_image(MedicalImage.from_dhw(np.clip(vol, 0, 1).astype(np.float32), out_aff), out / name)
     save_panel(out / f"{stem}_frame_{args.frame}_panel.png", x[kept], planes, res.volume, res.seeds)
     (out / f"{stem}_frame_{args.frame}_history.json").write_text(json.dumps(res.history, indent=1))
-    print(f"wrote {path} ({res.iterations} iterations)")
+    print(f"wrote {path} ({res.iterations} iterations) and the z-linear baseline beside it")
     return 0
 
 
@@ -228,6 +287,14 @@ def _heldout(args, prior, sax, sax_aff, planes, ic, path: Path) -> int:
     if sax.shape[0] < 3:
         raise UserError(f"{args.sax}: --heldout needs at least 3 non-empty SAX slices, got {sax.shape[0]}")
     res = heldout_slice_eval(prior, sax, sax_aff, planes, ic, seed=args.heldout)
+    res["settings"] = {
+        "seed": args.heldout,
+        "K_filled": 2 * ic.K - 1,
+        **{
+            k: getattr(ic, k) for k in ("lambda_lax", "lambda_smooth", "lambda_lat", "lr", "n4", "iterations")
+        },
+        "freeze_ends": True,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))

@@ -105,6 +105,18 @@ class InverseConfig:
     flip_h: bool = True  # flip the H axis to the UKB orientation (fork) and back on output
     freeze_ends: bool = False  # ex10 freezes the two end slices
     freeze_acquired: bool = False  # extension: keep every acquired slice at its encoding (ex8 optimises them)
+    # inference preprocessing of the files given to `mgdcr reconstruct` / `encode` (spec §2-§3, ex8 L161-254)
+    n4: bool = True  # N4 bias-field correction of the SAX cine and the LAX images (ex8 always; `--no-n4`)
+    # LAX harmonisation reference S: "official" = the linear-in-z volume of the SAX frame without N4, clipped
+    # at its 99th percentile to [0, 1] (ex8 L236-240); "model" = the linear volume of the SAX slices as the
+    # model sees them (N4 when inverse.n4, p98 of the 4D array), the same scale as the reconstruction
+    harmonise_reference: Literal["official", "model"] = "official"
+    # which SAX slices are dropped before encoding: "official" = where ex8/ex10 drop them (the max of the
+    # [-1, 1] slice is exactly 0, so an all-zero slice, at -1, is kept); "zero" = all-zero slices; "none"
+    drop_empty: Literal["official", "zero", "none"] = "official"
+    # mixed precision of the differentiable decode + losses (ex8: fp16 autocast + GradScaler on CUDA); on
+    # CPU every mode runs in full precision, so CPU results never change
+    amp: Literal["off", "fp16", "bf16"] = "fp16"
 
     def __post_init__(self) -> None:
         require(self.K >= 1, "inverse.K", "must be >= 1")

@@ -90,6 +90,10 @@ class DiffAEPrior:
         self.flip_h = flip_h
         self.chunk = chunk
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def to_net(self, x01: torch.Tensor) -> torch.Tensor:
         x = x01[:, None] * 2 - 1
         return x.flip(-2) if self.flip_h else x
@@ -151,6 +155,40 @@ def harmonise(g: np.ndarray, m: np.ndarray, s: np.ndarray) -> np.ndarray:
     return out
 
 
+def harmonise_reference(sax: np.ndarray, sax_raw: np.ndarray | None, cfg: InverseConfig) -> np.ndarray:
+    """Reference volume S of the LAX moment match on the dense grid (spec §3.3). ``official`` (ex8 L236-240):
+    the linear-in-z volume of the SAX frame before N4 and normalisation (``sax_raw``; ``sax`` when not given),
+    clipped at its (NaN-aware) 99th percentile to [0, 1]. ``model``: the linear volume of ``sax``, the SAX
+    slices as the model sees them (our normaliser: N4 + p98 of the 4D array)."""
+    if cfg.harmonise_reference == "official":
+        src = sax if sax_raw is None else sax_raw
+        return percentile_normalise(linear_interp_z(np.asarray(src, np.float64), cfg.K), 99.0)
+    if cfg.harmonise_reference == "model":
+        return linear_interp_z(np.asarray(sax, np.float64), cfg.K)
+    raise ValueError(
+        f"inverse.harmonise_reference must be 'official' or 'model', got {cfg.harmonise_reference!r}"
+    )
+
+
+def kept_slices(frame01: np.ndarray, mode: str = "official") -> list[int]:
+    """Indices of the SAX slices of one frame (``(Z,H,W)`` in [0,1]) that are encoded (spec §2, ex8 L178-182).
+
+    ``official``: the fork drops slice i when ``max(2x−1) == 0`` on the [-1, 1] slice, so an all-zero slice
+    (at −1) is kept; ``zero``: drop all-zero slices; ``none``: keep every slice."""
+    x = np.asarray(frame01, np.float64)
+    if mode == "official":
+        return [i for i in range(x.shape[0]) if (x[i] * 2.0 - 1.0).max() != 0]
+    if mode == "zero":
+        return [i for i in range(x.shape[0]) if np.any(x[i])]
+    if mode == "none":
+        return list(range(x.shape[0]))
+    raise ValueError(f"inverse.drop_empty must be 'official', 'zero' or 'none', got {mode!r}")
+
+
+# ex10_middle_slice_delete.py L19-31 (spec §3.10): the held-out protocol's settings
+EX10 = {"lambda_lax": 6.0, "lambda_smooth": 3.0, "lr": 1e-3, "n4": False, "freeze_ends": True}
+
+
 # --------------------------------------------------------------------------------------------- reconstruct
 @dataclass
 class ReconResult:
@@ -171,13 +209,17 @@ def reconstruct(
     cfg: InverseConfig,
     targets: tuple[np.ndarray, np.ndarray] | None = None,
     dtype: torch.dtype = torch.float32,
+    sax_raw: np.ndarray | None = None,
 ) -> ReconResult:
     """Core inverse optimisation on one frame.
 
     ``sax``: ``(n,H,W)`` acquired slices in [0,1] (``n >= 2``); ``sax_affine``: (s,h,w) affine; ``planes``: LAX
-    views (used for the targets); ``targets``: precomputed volume-space (G, M) on the dense grid (fork data).
+    views (used for the targets); ``targets``: precomputed volume-space (G, M) on the dense grid (fork data);
+    ``sax_raw``: the same slices before N4 and normalisation, for ``harmonise_reference: official`` (default:
+    ``sax``). Runs on the prior's device; ``cfg.amp`` applies on CUDA only.
     """
-    sax_t = torch.as_tensor(np.asarray(sax), dtype=dtype)
+    dev = torch.device(getattr(prior, "device", "cpu"))
+    sax_t = torch.as_tensor(np.asarray(sax), dtype=dtype).to(dev)
     if sax_t.ndim != 3 or sax_t.shape[0] < 2:
         raise ValueError(f"SAX stack must be (n>=2, H, W), got shape {tuple(sax_t.shape)}")
     if not torch.isfinite(sax_t).all():
@@ -203,52 +245,61 @@ def reconstruct(
                     f"{grid.shape} (D = K(n-1)+1 = {D})"
                 )
         if cfg.harmonise:
-            g = harmonise(g, m, linear_interp_z(sax_t.double().numpy(), cfg.K))
-        g_t, m_t = torch.as_tensor(g, dtype=dtype), torch.as_tensor(m, dtype=dtype)
+            g = harmonise(g, m, harmonise_reference(sax, sax_raw, cfg))
+        g_t, m_t = torch.as_tensor(g, dtype=dtype).to(dev), torch.as_tensor(m, dtype=dtype).to(dev)
     else:
         g_t = m_t = None
         for p in planes:
-            y = torch.as_tensor(np.asarray(p.image, np.float64), dtype=dtype)
-            roi = torch.ones_like(y) if p.roi is None else torch.as_tensor(np.asarray(p.roi) > 0, dtype=dtype)
+            y = torch.as_tensor(np.asarray(p.image, np.float64), dtype=dtype).to(dev)
+            roi = (
+                torch.ones_like(y)
+                if p.roi is None
+                else torch.as_tensor(np.asarray(p.roi) > 0, dtype=dtype).to(dev)
+            )
             plane_targets.append((p, y, roi))
         g, m = None, None
 
     # frozen slices (ex10: the two ends; ``freeze_acquired``: every acquired slice) keep their seeds, so they
     # are decoded once (``seeds``) and only the free slices go through the differentiable decoder
-    frozen = torch.zeros(D, dtype=torch.bool)
+    frozen = torch.zeros(D, dtype=torch.bool, device=dev)
     if cfg.freeze_ends:
         frozen[[0, -1]] = True
     if cfg.freeze_acquired:
         frozen[:: cfg.K] = True
     free = (~frozen).nonzero()[:, 0]
     fixed_x = seeds.to(dtype).detach()
-    acq_idx = torch.arange(0, D, cfg.K)
+    acq_idx = torch.arange(0, D, cfg.K, device=dev)
     xt = xt0[free].clone().requires_grad_(True)
     z = z0[free].clone().requires_grad_(True)
     xt0_f, z0_f = xt0[free], z0[free]
     opt = torch.optim.Adam([xt, z], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.lr_step, gamma=cfg.lr_gamma)
+    # ex8 L295-330: fp16 autocast + GradScaler on CUDA; never on CPU (bit-identical CPU results)
+    use_amp = cfg.amp != "off" and dev.type == "cuda"
+    amp_dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and cfg.amp == "fp16" else None
     best, bad = math.inf, 0
     history: list[dict[str, float]] = []
     it = 0
     for it in range(1, (cfg.iterations if len(free) else 0) + 1):
-        x_free = prior.decode(xt, z, grad=True)
-        x = fixed_x.index_copy(0, free, x_free) if bool(frozen.any()) else x_free
-        if g_t is not None:
-            l_lax = lax_volume_loss(x, g_t, m_t, cfg.mask_target, cfg.mask_eps)
-            l_lax_total = (cfg.lambda_lax * l_lax).sum()
-        else:
-            l_lax = torch.zeros((), dtype=dtype)
-            for p, y, roi in plane_targets:
-                ax, mk = sample_plane(x, grid.affine, p.affine, y.shape)
-                mk = mk.to(dtype) * roi
-                l_lax = l_lax + (mk * (ax - y) ** 2).sum() / (mk.sum() + cfg.mask_eps)
-            l_lax_total = cfg.lambda_lax * l_lax
-        l_lat = latent_loss(xt, z, xt0_f, z0_f)  # 0 for the frozen slices
-        l_s = smoothness_loss(x)
-        loss = l_lax_total + (cfg.lambda_lat * l_lat).sum() + (cfg.lambda_smooth * l_s).sum()
-        if cfg.lambda_sax > 0:
-            loss = loss + cfg.lambda_sax * ((x[acq_idx] - sax_t) ** 2).mean()
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=use_amp):
+            loss, l_lax, l_lat, l_s = _objective(
+                prior,
+                xt,
+                z,
+                xt0_f,
+                z0_f,
+                fixed_x,
+                free,
+                frozen,
+                g_t,
+                m_t,
+                plane_targets,
+                grid,
+                sax_t,
+                acq_idx,
+                cfg,
+            )
         mean_loss = float(loss.detach()) / D
         history.append(
             {
@@ -260,8 +311,13 @@ def reconstruct(
             }
         )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         sched.step()
         with torch.no_grad():  # pull back towards the seeds (spec §3.7)
             xt.lerp_(xt0_f, cfg.pullback)  # = (1−α)v + α v0, exact when v = v0
@@ -279,14 +335,38 @@ def reconstruct(
     if len(free):
         volume[free] = prior.decode(xt.detach(), z.detach(), grad=False).to(dtype)
     return ReconResult(
-        volume=volume.double().numpy().clip(0, 1),
-        seeds=seeds.double().numpy().clip(0, 1),
+        volume=volume.double().cpu().numpy().clip(0, 1),
+        seeds=seeds.double().cpu().numpy().clip(0, 1),
         affine=grid.affine,
         grid=grid,
         history=history,
         targets=(g, m) if g is not None else None,
         iterations=it,
     )
+
+
+def _objective(
+    prior, xt, z, xt0_f, z0_f, fixed_x, free, frozen, g_t, m_t, plane_targets, grid, sax_t, acq_idx, cfg
+):
+    """Total loss of one iteration (spec §3.6) and its LAX, latent and smoothness parts."""
+    x_free = prior.decode(xt, z, grad=True)
+    x = fixed_x.index_copy(0, free, x_free.to(fixed_x.dtype)) if bool(frozen.any()) else x_free
+    if g_t is not None:
+        l_lax = lax_volume_loss(x, g_t, m_t, cfg.mask_target, cfg.mask_eps)
+        l_lax_total = (cfg.lambda_lax * l_lax).sum()
+    else:
+        l_lax = torch.zeros((), dtype=fixed_x.dtype, device=fixed_x.device)
+        for p, y, roi in plane_targets:
+            ax, mk = sample_plane(x, grid.affine, p.affine, y.shape)
+            mk = mk.to(fixed_x.dtype) * roi
+            l_lax = l_lax + (mk * (ax - y) ** 2).sum() / (mk.sum() + cfg.mask_eps)
+        l_lax_total = cfg.lambda_lax * l_lax
+    l_lat = latent_loss(xt, z, xt0_f, z0_f)  # 0 for the frozen slices
+    l_s = smoothness_loss(x)
+    loss = l_lax_total + (cfg.lambda_lat * l_lat).sum() + (cfg.lambda_smooth * l_s).sum()
+    if cfg.lambda_sax > 0:
+        loss = loss + cfg.lambda_sax * ((x[acq_idx] - sax_t) ** 2).mean()
+    return loss, l_lax, l_lat, l_s
 
 
 # --------------------------------------------------------------------------------------------- files
