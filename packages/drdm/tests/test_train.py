@@ -144,3 +144,103 @@ def test_out_init_scale_flag(tmp_path):
             sd["conv_out.weight"], scale * ref["conv_out.weight"], rtol=1e-5, atol=1e-9
         )
         torch.testing.assert_close(sd["b1.0.conv0.weight"], ref["b1.0.conv0.weight"], rtol=1e-5, atol=1e-9)
+
+
+def _wait_rows(path: Path, n: int, proc, timeout: float = 240.0) -> None:
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.is_file() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"{path}: fewer than {n} rows after {timeout} s")
+
+
+def _train_cmd(tmp_path, name, steps, *extra):
+    import sys
+
+    return [
+        sys.executable, "-m", "drdm.cli", "train", "--config", "demo", f"out_dir={tmp_path}", f"name={name}",
+        f"train.steps={steps}", "train.ckpt_every=1000", "train.image_every=1000", "train.log_every=1",
+        "data.phantom_count=4", "train.batchsize=2", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
+    """Issue 18 (preemption): SIGTERM mid-run saves the step it is on and returns ``preempted`` (the CLI
+    exits 143, see the DDP test); resuming equals an uninterrupted run bit for bit, one log row per step."""
+    import json
+    import signal
+    import threading
+    import time
+
+    run = tmp_path / "drdm" / "pre"
+
+    def kill_after_rows(n: int) -> None:
+        t0 = time.time()
+        while time.time() - t0 < 300:
+            if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= n:
+                os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, as a scheduler's signal
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_rows, args=(3,), daemon=True)
+    killer.start()
+    res = train(load("demo", _train_cmd(tmp_path, "pre", 500)[6:]))
+    killer.join()
+    k = res["step"]
+    assert res["preempted"] == "SIGTERM" and 3 <= k < 500
+    ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
+    assert [p.name for p in ckpts] == [f"step_{k:08d}.pt"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard restored the handler
+    resumed = train(load("demo", _train_cmd(tmp_path, "pre", k + 3)[6:]))
+    straight = train(load("demo", _train_cmd(tmp_path, "straight", k + 3)[6:]))
+    assert resumed["start"] == k and resumed["preempted"] is None
+    a = load_checkpoint(run / "checkpoints" / f"step_{k + 3:08d}.pt", kind="drdm")
+    b = load_checkpoint(Path(straight["run_dir"]) / "checkpoints" / f"step_{k + 3:08d}.pt", kind="drdm")
+    for key, v in a["models"]["network"].items():
+        assert torch.equal(v, b["models"]["network"][key]), key
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, k + 4))  # one row per step across the preemption
+
+
+def _child_with_rank(parent: int, rank: int) -> int:
+    """PID of the torchrun worker of ``rank`` (Linux /proc)."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in environ:
+            return int(d.name)
+    raise LookupError(f"no worker of rank {rank} under {parent}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_sigterm_on_one_ddp_rank_stops_both_at_the_same_step(tmp_path):
+    """The signal reaches one rank only; the flag is all-reduced, so both ranks leave at the same step
+    (no hang in the next collective) and rank 0 saves that step."""
+    import signal
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = torchrun_command(*_train_cmd(tmp_path, "ddp", 500)[1:])
+    assert cmd[0] == sys.executable
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "drdm" / "ddp"
+    _wait_rows(run / "metrics.jsonl", 3, proc)
+    os.kill(_child_with_rank(proc.pid, 1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    ckpts = sorted((run / "checkpoints").glob("step_*.pt"))
+    assert len(ckpts) == 1, (ckpts, err[-3000:])
+    k = load_checkpoint(ckpts[0], kind="drdm")["step"]
+    assert 3 <= k < 500 and f"stopped by a signal on another rank after step {k}" in err, err[-3000:]
+    assert f"stopped by SIGTERM after step {k}" in err  # rank 1's own line (same step)
+    assert "drdm train: stopped by" in err and "run the same command again to resume" in err
+    assert proc.returncode != 0  # the workers exit 143, so torchrun reports the job as not finished

@@ -154,3 +154,20 @@ def test_runlogger_resume_drops_rows_after_the_resume_step(tmp_path):
     assert [(r["step"], r["split"]) for r in rows] == [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (5, "train")]
     assert rows[-1]["loss"] == 15.0
     assert truncate_metrics(run.metrics, 10) == 0 and truncate_metrics(tmp_path / "none.jsonl", 0) == 0
+
+
+def test_preemption_guard_flags_sigterm_and_restores_the_handler():
+    import os
+    import signal
+
+    from medsynth_core.cli import EXIT_PREEMPTED, preempted_exit
+    from medsynth_core.training import PreemptionGuard
+
+    before = signal.getsignal(signal.SIGTERM)
+    with PreemptionGuard() as stop:
+        assert not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)  # would end the process without the guard
+        assert stop.should_stop() and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert preempted_exit("pkg", {"preempted": "SIGTERM", "step": 7}) == EXIT_PREEMPTED == 143
+    assert preempted_exit("pkg", {"preempted": None}) == 0

@@ -14,6 +14,7 @@ from medsynth_core.cli import (
     add_config_arguments,
     add_train_arguments,
     demo_arguments,
+    preempted_exit,
     run_cli,
 )
 
@@ -29,7 +30,7 @@ def _train(args: argparse.Namespace) -> int:
 
     res = train(load(args.config, args.overrides), resume=args.resume)
     print(json.dumps(res, indent=2))
-    return 0
+    return preempted_exit(PROG, res)
 
 
 def _net_and_cfg(args: argparse.Namespace):

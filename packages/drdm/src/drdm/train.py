@@ -63,7 +63,20 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
             raise UserError(f"data: {exc}") from exc
         end = tc.steps if max_steps is None else min(tc.steps, max_steps)
         last: dict[str, float] = {}
-        with T.RunLogger(run) as logger:
+        preempted = None
+
+        def save(done: int) -> None:
+            mgr.save(
+                C.build_checkpoint(
+                    kind=KIND,
+                    step=done,
+                    models={"network": net},
+                    optimizers={"adam": opt},
+                    config=config_to_dict(cfg),
+                )
+            )
+
+        with T.RunLogger(run) as logger, T.PreemptionGuard() as stop:
             for step, x0 in T.progress(
                 loader.iterate(start, end), total=end, initial=start, desc="drdm train"
             ):
@@ -98,19 +111,19 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                             x_t, pred.detach(), mode="bilinear", padding_mode=cfg.diffusion.img_pad_mode
                         )
                     save_preview(run.images / f"step_{done:08d}.png", x0, x_t, rec)
-                if info.is_main and T.due(done, tc.ckpt_every, end):
-                    mgr.save(
-                        C.build_checkpoint(
-                            kind=KIND,
-                            step=done,
-                            models={"network": net},
-                            optimizers={"adam": opt},
-                            config=config_to_dict(cfg),
-                        )
-                    )
+                saved = T.due(done, tc.ckpt_every, end)
+                if info.is_main and saved:
+                    save(done)
+                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
+                    if info.is_main and not saved:
+                        save(done)
+                    preempted, end = stop.signal_name, done
                 D.barrier()
+                if preempted:
+                    break
         return {
             "step": end,
+            "preempted": preempted,
             "start": int(start),  # the step this call resumed from (0: fresh start)
             "resumed_from": str(resumed) if resumed is not None else None,
             "run_dir": str(run.path),

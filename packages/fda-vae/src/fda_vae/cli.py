@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, run_cli
+from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, preempted_exit, run_cli
 
 PROG = "fda-vae"
 ISSUE = "#3"
@@ -59,7 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if is_main_process():
         _print(result)
-    return 0
+    return preempted_exit(PROG, result)
 
 
 # -------------------------------------------------------------------------------------- synthesize

@@ -261,7 +261,8 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
             log.info("resumed from %s at step %d", src, start)
         last: dict[str, float] = {}
         val: dict[str, float] = {}
-        with T.RunLogger(run, resume_step=start) as logger:
+        preempted = None
+        with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             for step, batch in T.progress(
                 loader.iterate(start, total), total=total, initial=start, desc=KIND
             ):
@@ -281,12 +282,21 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
                         )
                 if info.is_main and T.due(done, tc.sample_every, total):
                     trainer.save_samples(val_ds, run.images / f"step_{done:08d}.png")
-                if info.is_main and T.due(done, tc.ckpt_every, total):
+                saved = T.due(done, tc.ckpt_every, total)
+                if info.is_main and saved:
                     mgr.save(trainer.checkpoint(done, done // loader.steps_per_epoch, best))
+                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
+                    if info.is_main and not saved:
+                        mgr.save(trainer.checkpoint(done, done // loader.steps_per_epoch, best))
+                    preempted = stop.signal_name
                 D.barrier()
+                if preempted:
+                    break
         return {
             "run": str(run.path),
             "steps": total,
+            "step": done if preempted else total,
+            "preempted": preempted,
             "start": start,
             "last": last,
             "val": val,

@@ -18,6 +18,20 @@ from .errors import CheckpointError, OutputPathError
 
 EXIT_USER_ERROR = 2
 EXIT_NOT_IMPLEMENTED = 3
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: training stopped by a signal after saving; `set -e` scripts stop
+
+
+def preempted_exit(prog: str, result: dict) -> int:
+    """Exit code of a ``train`` verb: ``EXIT_PREEMPTED`` with one line on stderr when the loop stopped on a
+    signal (``result["preempted"]`` names it) after checkpointing, else 0."""
+    if not result.get("preempted"):
+        return 0
+    print(
+        f"{prog} train: stopped by {result['preempted']} after step {result.get('step')}; the checkpoint of "
+        "that step is saved: run the same command again to resume",
+        file=sys.stderr,
+    )
+    return EXIT_PREEMPTED
 
 
 class UserError(RuntimeError):

@@ -313,3 +313,66 @@ class ResumableLoader:
                     return
                 yield step, batch
                 step += 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Preemption (SIGTERM from SLURM, Kubernetes, torchrun's agent)
+# --------------------------------------------------------------------------------------------------
+
+from .cli import EXIT_PREEMPTED  # noqa: E402,F401  (143 = 128 + SIGTERM; re-exported for training loops)
+
+
+class PreemptionGuard:
+    """Turn SIGTERM (and the optional ``signals``) into a request to stop at the end of the current step.
+
+    ``with PreemptionGuard() as stop: ... if stop.should_stop(): save; break``. Under DDP
+    ``should_stop`` takes the maximum of every rank's flag (one scalar all-reduce per call), so all
+    ranks leave at the same step and the rank-0 checkpoint holds that step. The previous handlers are
+    restored on exit; outside the main thread (where Python cannot install handlers) it never fires.
+    """
+
+    def __init__(self, signals: Iterable[int] | None = None):
+        import signal
+
+        self.signals = tuple(signals) if signals is not None else (signal.SIGTERM,)
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+        self.received = signum
+
+    def __enter__(self) -> PreemptionGuard:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+
+    def should_stop(self) -> bool:
+        from .distributed import is_distributed
+
+        flag = self.received is not None
+        if is_distributed():
+            import torch.distributed as dist
+
+            from .distributed import _reduce_device
+
+            t = torch.tensor([1.0 if flag else 0.0], device=_reduce_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = bool(t.item() > 0)
+        return flag
+
+    @property
+    def signal_name(self) -> str:
+        import signal
+
+        return signal.Signals(self.received).name if self.received is not None else "a signal on another rank"
