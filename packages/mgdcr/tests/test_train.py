@@ -191,3 +191,41 @@ def test_cosine_run_stopped_with_until_resumes_exactly(tmp_path):
     from mgdcr.train import learning_rate
 
     assert a["optimizers"]["opt"]["param_groups"][0]["lr"] == pytest.approx(learning_rate(3, cfg_b.train))
+
+
+def test_validation_split_is_used_and_the_best_checkpoint_kept(tmp_path):
+    """The config's validation subjects are scored every train.val_every steps (reconstruction PSNR with
+    inferred x_T, EMA weights), the best is kept as best.pt, and validating leaves the training unchanged."""
+    import json
+
+    from mgdcr.data import build_datasets
+    from mgdcr.diffusion import GaussianDiffusion
+    from mgdcr.train import validate, validation_slices
+
+    args = ("train.steps=4", "train.ckpt_every=4", "train.sample_every=0", "train.val_samples=8")
+    run = train(_cfg(tmp_path / "v", *args, "train.val_every=1"))
+    rows = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if r["split"] == "val"]
+    assert [r["step"] for r in val] == [1, 2, 3, 4]
+    psnr = [r["psnr_recon_db"] for r in val]
+    assert all(np.isfinite(p) and 0 < p < 100 for p in psnr)
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["val_psnr"] == pytest.approx(max(psnr)) and best["step"] == 1 + int(np.argmax(psnr))
+    ck = load_checkpoint(run / "checkpoints" / "best.pt", kind="mgdcr")
+    assert ck["step"] == best["step"]
+    # the PSNR is recomputed from best.pt's EMA weights on the validation slices of the config
+    cfg = _cfg(tmp_path / "v", *args)
+    _, val_ds = build_datasets(cfg)
+    assert len(val_ds) > 0
+    x = validation_slices(val_ds, 8)
+    model, _ = load_prior(run / "checkpoints" / "best.pt")
+    d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
+    assert validate(model, d, x, cfg.diffusion.eval_steps) == pytest.approx(best["val_psnr"], abs=1e-4)
+    # validating at every step vs only at the last: the same weights at step 4
+    other = train(_cfg(tmp_path / "w", *args, "train.val_every=0"))
+    a = load_checkpoint(run / "checkpoints" / "step_00000004.pt", kind="mgdcr")
+    b = load_checkpoint(other / "checkpoints" / "step_00000004.pt", kind="mgdcr")
+    for k, v in a["models"]["model"].items():
+        assert torch.equal(v, b["models"]["model"][k]), k
+    assert [json.loads(r)["step"] for r in (other / "metrics.jsonl").read_text().splitlines()
+            if json.loads(r)["split"] == "val"] == [4]  # fmt: skip

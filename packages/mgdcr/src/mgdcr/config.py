@@ -63,6 +63,12 @@ class TrainConfig:
     sample_every: int = 10000  # PNG previews (reconstructions + random samples, ddim20)
     log_every: int = 100
     keep_last: int = 3
+    # validation on the subject-level split (data.val_fraction; the fork used val = train): reconstruction
+    # PSNR of val_samples validation slices with inferred x_T (EMA weights, ddim val_steps; 0 = eval_steps),
+    # every val_every steps (0: at the last step only); the best is kept as checkpoints/best.pt
+    val_every: int = 10000
+    val_samples: int = 64
+    val_steps: int = 0
     fp16: bool = False  # fork's "16-mixed" runs the maths in fp32 (autocast off in training_step)
     num_workers: int = 0
 
@@ -72,7 +78,9 @@ class TrainConfig:
         require(0 <= self.ema_decay <= 1, "train.ema_decay", "must be in [0, 1]")
         require(self.steps >= 1, "train.steps", "must be >= 1")
         require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        for key in ("ckpt_every", "sample_every", "log_every"):
+        require(self.val_samples >= 1, "train.val_samples", "must be >= 1")
+        require(self.val_steps >= 0, "train.val_steps", "must be >= 0 (0: diffusion.eval_steps)")
+        for key in ("ckpt_every", "sample_every", "log_every", "val_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
 

@@ -3,6 +3,7 @@ single process or torchrun/DDP, exact resume through core's CheckpointManager.""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -54,6 +55,35 @@ def save_samples(
     save_grid(path, rows, value_range=(-1.0, 1.0), row_titles=["input", "recon x_T", "random x_T"])
 
 
+@torch.no_grad()
+def validate(
+    model: DiffAE, diffusion: GaussianDiffusion, x: torch.Tensor, steps: int, chunk: int = 64
+) -> float:
+    """Reconstruction PSNR (dB, images in [0, 1], one MSE pooled over all slices) of ``x`` ((B,1,H,W) in
+    [-1, 1]) through z_sem and the inferred x_T (DDIM ``steps``). Deterministic and draws no random numbers,
+    so validating never changes the training run."""
+    s = diffusion.sampler(steps)
+    was_training = model.training
+    model.eval()
+    se = 0.0
+    for i in range(0, x.shape[0], chunk):
+        xb = x[i : i + chunk]
+        eps = model.eps_fn(model.encode(xb))
+        rec = s.decode(eps, s.encode(eps, xb))
+        se += float((((rec - xb) / 2) ** 2).double().sum())
+    model.train(was_training)
+    mse = se / x.numel()
+    return 100.0 if mse <= 1e-10 else float(10 * math.log10(1.0 / mse))
+
+
+def validation_slices(val_ds, n: int) -> torch.Tensor | None:
+    """``n`` validation slices evenly spaced over the split (all when fewer), or None without a split."""
+    if val_ds is None or len(val_ds) == 0:
+        return None
+    idx = sorted({int(round(i)) for i in torch.linspace(0, len(val_ds) - 1, min(n, len(val_ds))).tolist()})
+    return torch.stack([val_ds[i] for i in idx])
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """lr of the update that completes step ``step + 1`` (0-based ``step``). ``constant`` (the fork): ``lr``.
     ``cosine`` (extension): linear warm-up over ``warmup_steps``, then ``lr·(1 + cos(π·p))/2`` with ``p`` the
@@ -91,8 +121,15 @@ def train(cfg: Config, resume: str | Path | None = None, until: int | None = Non
         )
         preview = val_ds if val_ds is not None and len(val_ds) else train_ds
         preview_x = torch.stack([preview[i] for i in range(min(6, len(preview)))]).to(info.device)
+        val_x = validation_slices(val_ds, cfg.train.val_samples)
+        val_x = val_x.to(info.device) if val_x is not None else None
+        val_steps = cfg.train.val_steps or cfg.diffusion.eval_steps
+        best_file = run.checkpoints / "best.json"  # {step, val_psnr} of checkpoints/best.pt (survives resume)
+        best = (
+            json.loads(best_file.read_text())["val_psnr"] if best_file.is_file() and step > 0 else -math.inf
+        )
 
-        def save(step_done: int) -> None:
+        def save(step_done: int, name: str | None = None) -> None:
             if info.is_main:
                 mgr.save(
                     C.build_checkpoint(
@@ -103,7 +140,8 @@ def train(cfg: Config, resume: str | Path | None = None, until: int | None = Non
                         emas={"ema": ema},
                         scaler=scaler,
                         config=config_to_dict(cfg),
-                    )
+                    ),
+                    name=name,
                 )
 
         with T.RunLogger(run) as logger:
@@ -141,6 +179,13 @@ def train(cfg: Config, resume: str | Path | None = None, until: int | None = Non
                         cfg.diffusion.eval_steps,
                         cfg.seed,
                     )
+                if info.is_main and val_x is not None and T.due(done, cfg.train.val_every, cfg.train.steps):
+                    v = validate(ema.module, diffusion, val_x, val_steps)
+                    logger.log(done, {"psnr_recon_db": v}, prefix="val")
+                    if v > best:  # keep the best EMA weights by validation reconstruction PSNR
+                        best = v
+                        save(done, name="best.pt")
+                        best_file.write_text(json.dumps({"step": done, "val_psnr": v}))
                 if T.due(done, cfg.train.ckpt_every, cfg.train.steps) or done == end:
                     save(done)
         D.barrier()
