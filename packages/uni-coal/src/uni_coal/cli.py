@@ -1,4 +1,5 @@
-"""Command line: ``uni-coal VERB`` (train, synthesize, prepare, evaluate, demo, summary, convert-official)."""
+"""Command line: ``uni-coal VERB`` (train, synthesize, prepare, evaluate, demo, summary, convert-official,
+convert-config)."""
 
 from __future__ import annotations
 
@@ -86,16 +87,48 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="folder of <subject>/<subject>-<MOD>.nii.gz (registered)")
-    p.add_argument("--output", required=True, help="folder for <subject>.h5")
-    p.add_argument("--modalities", nargs="+", default=["T1", "T2", "PD"], help="modality suffixes / h5 keys")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="raw NIfTI folder: ixi <subject>-T1/-T2/-PD.nii.gz (any depth), brats19 <subject>/<subject>_t1/_t2/"
+        "_flair/_seg.nii.gz, adni <subject>-T1/-FLAIR.nii.gz",
+    )
+    p.add_argument("--output", required=True, help="folder for <subject>.h5 and the train.txt/test.txt lists")
+    p.add_argument(
+        "--layout", choices=["ixi", "brats19", "adni"], default="ixi", help="dataset layout (h5 keys)"
+    )
+    p.add_argument(
+        "--modalities", nargs="+", default=None, help="subset of the layout's modalities (default: all)"
+    )
+    p.add_argument(
+        "--registration",
+        choices=["rigid", "resample", "none"],
+        default=None,
+        help="non-reference volumes onto the reference grid (default: rigid for ixi/adni, none for brats19)",
+    )
+    p.add_argument(
+        "--sr-thickness", type=int, default=None, help="also write <ref>_hr4sr/<ref>_lr4sr (ADNI SR: 5)"
+    )
+    p.add_argument("--test-fraction", type=float, default=0.2, help="share of subjects in test.txt")
+    p.add_argument("--seed", type=int, default=0, help="split and registration sampling seed")
+    p.add_argument("--skip-incomplete", action="store_true", help="skip subjects lacking a modality file")
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from .data import prepare_subjects
+    from .prepare import prepare
 
-    files = prepare_subjects(args.input, args.output, args.modalities)
-    print(json.dumps({"written": [str(f) for f in files]}))
+    res = prepare(
+        args.input,
+        args.output,
+        args.layout,
+        args.modalities,
+        args.registration,
+        args.sr_thickness,
+        args.test_fraction,
+        args.seed,
+        args.skip_incomplete,
+    )
+    print(json.dumps(res))
     return 0
 
 
@@ -171,7 +204,26 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_official
 
-    print(json.dumps(convert_official(args.src, args.dst, args.config, args.official_config, args.trust_pickle), indent=2))
+    print(
+        json.dumps(
+            convert_official(args.src, args.dst, args.config, args.official_config, args.trust_pickle),
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _convert_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "src", help="official YAML (e.g. configs/brats19/T1-T2/UniCOAL/final.yml; _BASE_ chain beside it)"
+    )
+    p.add_argument("dst", help="our config YAML to write")
+
+
+def _convert_config(args: argparse.Namespace) -> int:
+    from .convert import convert_official_config
+
+    print(json.dumps(convert_official_config(args.src, args.dst), indent=2))
     return 0
 
 
@@ -207,6 +259,12 @@ VERBS = [
     ),
     Verb(
         "convert-official", "convert an official checkpoint to this package's format", _convert, _convert_args
+    ),
+    Verb(
+        "convert-config",
+        "convert an official UniCOAL YAML config to this package's config",
+        _convert_config,
+        _convert_config_args,
     ),
 ]
 

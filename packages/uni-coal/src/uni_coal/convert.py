@@ -71,11 +71,17 @@ def generator_config_from_official(ctor: Mapping[str, Any]) -> GeneratorConfig:
         kw["conv_clamp"] = None if sk["conv_clamp"] is None else float(sk["conv_clamp"])
     if "cond_mod" in sk:
         kw["cond_mod"] = bool(sk["cond_mod"])
-    if kw["enc_modulated"] and (
-        int(emk.get("c_dim", kw["c_dim"])) != kw["c_dim"]
-        or int(emk.get("index_dim", kw["index_dim"])) != kw["index_dim"]
-    ):
-        raise UserError("encoder mapping c_dim/index_dim differ from the generator's; not supported")
+    if kw["enc_modulated"]:
+        enc_c = int(emk.get("c_dim", kw["c_dim"]))
+        if enc_c != kw["c_dim"]:
+            raise UserError(
+                f"official config: encoder mapping c_dim {enc_c} differs from model.G.c_dim {kw['c_dim']}; "
+                "set both to the number of target modalities (len(raw_internal_path_out))"
+            )
+        # The official BraTS/ADNI configs give only the encoder mapping net index_dim 1 (model.G.index_dim
+        # stays 0, Q8). Our three mapping nets share one index_dim: take the larger (delta fed everywhere,
+        # spec §1/Q8); official weights without a delta embedding are padded exactly (pad_index_embedding).
+        kw["index_dim"] = max(kw["index_dim"], int(emk.get("index_dim", kw["index_dim"])))
     return GeneratorConfig(**kw)
 
 
@@ -106,11 +112,47 @@ def _strip(key: str) -> str:
     return key
 
 
+def pad_index_embedding(
+    official: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official mapping nets built with ``index_dim=0`` (BraTS/ADNI ``model.G``, BraTS ``model.D``) -> ours
+    with ``index_dim=1``, computing the same function: the delta embedding gets zero weight and bias, so its
+    normalised output is exactly 0 for every delta, and ``fc0`` gets zero columns for it, its official columns
+    rescaled by sqrt(new_fan_in / old_fan_in) because equalised LR scales weights by 1/sqrt(fan_in) at run time.
+    Returns (official state with the padded entries, the prefixes padded)."""
+    out = {_strip(k): v for k, v in official.items()}
+    padded = []
+    for key in own:
+        if not key.endswith("embed_index.weight"):
+            continue
+        prefix = key[: -len("embed_index.weight")]
+        fc0 = prefix + "fc0.weight"
+        if key in out or fc0 not in out or fc0 not in own:
+            continue
+        w_off, w_own = out[fc0], own[fc0]
+        embed = own[key].shape[0]
+        if w_off.shape[0] != w_own.shape[0] or w_off.shape[1] + embed != w_own.shape[1]:
+            continue
+        w = torch.zeros(w_own.shape, dtype=w_off.dtype)
+        w[:, : w_off.shape[1]] = w_off * (w_own.shape[1] / w_off.shape[1]) ** 0.5
+        out[fc0] = w
+        out[key] = torch.zeros(own[key].shape, dtype=w_off.dtype)
+        out[prefix + "embed_index.bias"] = torch.zeros(
+            own[prefix + "embed_index.bias"].shape, dtype=w_off.dtype
+        )
+        padded.append(prefix or "<root>")
+    return out, padded
+
+
 def convert_state_dict(
-    official: Mapping[str, torch.Tensor], module: torch.nn.Module
+    official: Mapping[str, torch.Tensor], module: torch.nn.Module, padded: list[str] | None = None
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Returns (state dict for ``module``, unmapped official keys, module keys left missing)."""
+    """Returns (state dict for ``module``, unmapped official keys, module keys left missing). Mapping nets
+    without a delta input are padded to ours (:func:`pad_index_embedding`); their prefixes go to ``padded``."""
     own = module.state_dict()
+    official, pads = pad_index_embedding(official, own)
+    if padded is not None:
+        padded.extend(pads)
     out: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
     for k, v in official.items():
@@ -146,6 +188,7 @@ def _harmonise(cfg, have_g: bool, have_d: bool) -> None:
     c_dim = g.c_dim if have_g else d.c_dim
     if have_d and not have_g:
         g.c_dim, g.index_dim, g.img_resolution = d.c_dim, d.index_dim, d.img_resolution
+    g.index_dim = d.index_dim = max(g.index_dim, d.index_dim)  # one index_dim for all nets (padded weights)
     if len(cfg.data.modalities) != c_dim:
         cfg.data.modalities = ("target",) if c_dim == 1 else tuple(f"m{i}" for i in range(c_dim))
         cfg.data.sources = cfg.data.modalities
@@ -220,7 +263,8 @@ def convert_official(
         if state is None:
             continue
         module = build()
-        sd, unmapped, missing = convert_state_dict(state, module)
+        padded: list[str] = []
+        sd, unmapped, missing = convert_state_dict(state, module, padded)
         if missing:
             raise UserError(
                 f"{src}: {name} weights do not fit the config (missing {len(missing)} keys, e.g. "
@@ -229,6 +273,8 @@ def convert_official(
         module.load_state_dict(sd)
         models[name] = module
         report[f"{name}_unmapped"] = unmapped
+        if padded:
+            report[f"{name}_padded_index_embedding"] = padded
         report[f"{name}_params"] = sum(p.numel() for p in module.parameters())
     if "G_ema" in models:
         models["G"] = models["G_ema"]
@@ -325,17 +371,36 @@ def read_official_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def config_from_official_yaml(path: str | Path):
-    """Official YAML (e.g. ``configs/ixi/multitask/allrand/UniCOAL/6_final.yml``) -> our :class:`Config`."""
+def official_yaml_to_config(path: str | Path):
+    """Official YAML (e.g. ``configs/ixi/multitask/allrand/UniCOAL/6_final.yml``, BraTS ``final.yml``, ADNI
+    ``cmsr_sam.yml``/``sr_5_sam.yml``) -> (our validated :class:`Config`, notes on what was changed)."""
+    from medsynth_core.config import ConfigError, config_from_dict, config_to_dict
+
     from .config import Config
 
     node = read_official_yaml(path)
     model = node.get("model", {})
+    if model.get("name", "unicoal") != "unicoal":
+        raise UserError(f"{path}: model.name is '{model.get('name')}', not 'unicoal' (a baseline's config?)")
+    notes: list[str] = []
     cfg = Config()
-    cfg.generator = generator_config_from_official(_deep_merge(OFFICIAL_G_DEFAULTS, model.get("G", {})))
+    g_node = _deep_merge(OFFICIAL_G_DEFAULTS, model.get("G", {}))
+    g_index = int(g_node.get("index_dim", 0))
+    cfg.generator = generator_config_from_official(g_node)
     cfg.discriminator = discriminator_config_from_official(
         _deep_merge(OFFICIAL_D_DEFAULTS, model.get("D", {}))
     )
+    g, d = cfg.generator, cfg.discriminator
+    if g.index_dim != g_index:
+        notes.append(
+            f"model.G.index_dim {g_index} -> {g.index_dim} (the encoder mapping net takes delta; Q8/spec §1: "
+            "delta is fed to G too; official weights are padded exactly)"
+        )
+    if d.index_dim != g.index_dim:
+        notes.append(
+            f"model.D.index_dim {d.index_dim} -> {max(d.index_dim, g.index_dim)} (one index_dim for all nets)"
+        )
+        g.index_dim = d.index_dim = max(d.index_dim, g.index_dim)
     loaders, loss, opt = node.get("loaders", {}), node.get("loss", {}), node.get("optimizer", {})
     if "raw_internal_path_out" in loaders:
         cfg.data.modalities = tuple(loaders["raw_internal_path_out"])
@@ -346,6 +411,11 @@ def config_from_official_yaml(path: str | Path):
     for ours, theirs in (("all_hr", "all_hr"), ("slice_num", "slice_num")):
         if theirs in loaders:
             setattr(cfg.data, ours, loaders[theirs])
+    tm = (loaders.get("test") or {}).get("target_modality")
+    if tm is not None:  # eval configs: index into raw_internal_path_out (Q9: ours honours it)
+        if not 0 <= int(tm) < len(cfg.data.modalities):
+            raise UserError(f"{path}: loaders.test.target_modality {tm} is outside raw_internal_path_out")
+        cfg.data.fixed_target = cfg.data.modalities[int(tm)]
     if "batch_size" in loaders:
         cfg.train.batch_size = int(loaders["batch_size"])
     for ours, theirs in (
@@ -356,21 +426,45 @@ def config_from_official_yaml(path: str | Path):
     ):
         if theirs in loss:
             setattr(cfg.loss, ours, float(loss[theirs]))
-    if "blur_fade_kimg" in loss:
+    if "blur_fade_kimg" in loss:  # BraTS/ADNI set the key twice; YAML keeps the later value (200)
         cfg.loss.blur_fade_images = int(float(loss["blur_fade_kimg"]) * 1000)
     if "lr_G" in opt:
         cfg.optim.lr_g = float(opt["lr_G"])
     if "lr_D" in opt:
         cfg.optim.lr_d = float(opt["lr_D"])
-    ema = node.get("scheduler", {}).get("ema", {})
+    sched = node.get("scheduler", {})
+    for key in ("n_epochs", "n_epochs_decay"):
+        if key in sched:
+            setattr(cfg.optim, key, int(sched[key]))
+    cfg.train.epochs = cfg.optim.n_epochs + cfg.optim.n_epochs_decay
+    ema = sched.get("ema", {})
     if "ema_kimgs" in ema:
         cfg.optim.ema_half_life_images = float(ema["ema_kimgs"]) * 1000
     cfg.data.size = cfg.generator.img_resolution
     if "name" in node:
         cfg.name = str(node["name"])
-    from medsynth_core.config import ConfigError, config_from_dict, config_to_dict
-
     try:  # validate (c_dim vs modalities, D channels, ...)
-        return config_from_dict(Config, config_to_dict(cfg), source=str(path))
+        return config_from_dict(Config, config_to_dict(cfg), source=str(path)), notes
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
+
+
+def config_from_official_yaml(path: str | Path):
+    """Official YAML -> our :class:`Config` (see :func:`official_yaml_to_config`)."""
+    return official_yaml_to_config(path)[0]
+
+
+def convert_official_config(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """``uni-coal convert-config``: write the official YAML (with its ``_BASE_`` chain) as our config file."""
+    import yaml
+
+    from medsynth_core.atomic import atomic_write_text
+    from medsynth_core.config import config_to_dict
+
+    cfg, notes = official_yaml_to_config(src)
+    head = [f"# converted by `uni-coal convert-config` from {Path(src).name}"] + [
+        f"# note: {n}" for n in notes
+    ]
+    body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write_text(dst, "\n".join(head) + "\n" + body)
+    return {"src": str(src), "dst": str(dst), "name": cfg.name, "notes": notes}
