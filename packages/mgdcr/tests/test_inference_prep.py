@@ -279,3 +279,50 @@ def test_reconstruct_writes_z_linear_for_evaluate(tmp_path, micro_ckpt):
     assert m["subj_sa_frame_0_z_linear_13slice.nii.gz"]["acquired_psnr"] == pytest.approx(
         20 * np.log10(1 / 0.02), abs=0.5
     )
+
+
+def test_heldout_takes_ex10_rows_of_the_whole_stack(monkeypatch):
+    """ex10 L199-220: the LAX targets and the harmonisation reference of the held-out gap are rows
+    K(m-1) … K(m+1) of the whole stack's dense grid (reference: p99 over the whole linear volume)."""
+    from mgdcr.evaluate import choose_heldout, heldout_slice_eval
+
+    ph = cardiac_cine(n_frames=1, n_slices=5, size=16, seed=1)
+    sax = ph.sax[0].astype(np.float64)
+    K = 2
+    D = K * 4 + 1
+    g = np.random.default_rng(0).random((D, 16, 16))
+    msk = (g > 0.5).astype(np.float64)
+    seen = {}
+    real = infer.reconstruct
+
+    def spy(prior, pair, aff, planes, cfg, targets=None, reference=None, **kw):
+        seen.update(pair=pair, targets=targets, reference=reference, K=cfg.K, freeze=cfg.freeze_ends)
+        return real(prior, pair, aff, planes, cfg, targets=targets, reference=reference, **kw)
+
+    monkeypatch.setattr(infer, "reconstruct", spy)
+    cfg = InverseConfig(K=K, iterations=1)
+    raw = sax * 500.0
+    r = heldout_slice_eval(
+        infer.IdentityPrior(), sax, ph.sax_affine, [], cfg, seed=4, targets=(g, msk), sax_raw=raw
+    )
+    m = choose_heldout(5, 4)
+    assert r["heldout_index"] == m and seen["K"] == 2 * K and seen["freeze"]
+    rows = slice(K * (m - 1), K * (m + 1) + 1)
+    np.testing.assert_array_equal(seen["targets"][0], g[rows])
+    np.testing.assert_array_equal(seen["targets"][1], msk[rows])
+    np.testing.assert_allclose(seen["reference"], infer.harmonise_reference(sax, raw, cfg)[rows])
+    np.testing.assert_array_equal(seen["pair"], sax[[m - 1, m + 1]])
+
+
+def test_heldout_cli_with_a_fork_lax_volume(tmp_path, micro_ckpt):
+    _, sax, _ = _write_case(tmp_path, n_slices=5)
+    g = np.zeros((17, 16, 16), np.float32)
+    g[:, 8] = 0.7
+    for name, a in (("lax.nii.gz", g), ("mask.nii.gz", (g > 0).astype(np.float32))):
+        write_image(MedicalImage.from_dhw(a, np.eye(4)), tmp_path / name)
+    args = ["reconstruct", "--checkpoint", str(micro_ckpt), "--sax", str(sax), "--lax-volume",
+            str(tmp_path / "lax.nii.gz"), "--lax-mask", str(tmp_path / "mask.nii.gz"), "--heldout", "1",
+            "--out", str(tmp_path / "h"), "inverse.iterations=1"]  # fmt: skip
+    assert main(args) == 0
+    r = json.loads((tmp_path / "h" / "subj_sa_frame_0_heldout.json").read_text())
+    assert np.isfinite(r["diffae_lax"]["psnr"]) and r["settings"]["lambda_lax"] == 6.0

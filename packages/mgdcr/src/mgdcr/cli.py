@@ -260,7 +260,15 @@ def _reconstruct(args: argparse.Namespace) -> int:
     stem = Path(args.sax).name.split(".")[0]
     if args.heldout is not None:
         return _heldout(
-            args, prior, x[kept], sax_aff, planes, ic, out / f"{stem}_frame_{args.frame}_heldout.json"
+            args,
+            prior,
+            x[kept],
+            sax_aff,
+            planes,
+            ic,
+            out / f"{stem}_frame_{args.frame}_heldout.json",
+            targets=targets,
+            sax_raw=raw[kept],
         )
     res = reconstruct(prior, x[kept], sax_aff, planes, ic, targets=targets, sax_raw=raw[kept])
     out_aff = dhw_to_ijk_affine(output_affine(aff, kept, x.shape[0], ic.K, ic.geometry_from_kept_slices))
@@ -278,15 +286,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
-def _heldout(args, prior, sax, sax_aff, planes, ic, path: Path) -> int:
-    """ex10 protocol (spec §3.10) on real data: needs world-space LAX planes and at least 3 kept slices."""
+def _heldout(args, prior, sax, sax_aff, planes, ic, path: Path, targets=None, sax_raw=None) -> int:
+    """ex10 protocol (spec §3.10) on real data: LAX planes or a fork LAX volume on the whole stack's dense grid
+    (ex10 takes its rows of the held-out gap), and at least 3 kept slices."""
     from .evaluate import heldout_slice_eval
 
-    if not planes:
-        raise UserError("--heldout needs LAX views (--lax ...); fork-style --lax-volume is on the full grid")
     if sax.shape[0] < 3:
         raise UserError(f"{args.sax}: --heldout needs at least 3 non-empty SAX slices, got {sax.shape[0]}")
-    res = heldout_slice_eval(prior, sax, sax_aff, planes, ic, seed=args.heldout)
+    res = heldout_slice_eval(
+        prior, sax, sax_aff, planes, ic, seed=args.heldout, targets=targets, sax_raw=sax_raw
+    )
     res["settings"] = {
         "seed": args.heldout,
         "K_filled": 2 * ic.K - 1,

@@ -133,14 +133,26 @@ def choose_heldout(n: int, seed: int) -> int:
 
 
 def heldout_slice_eval(
-    prior, sax: np.ndarray, sax_affine: np.ndarray, planes, cfg, seed: int = 0, lpips=None
+    prior,
+    sax: np.ndarray,
+    sax_affine: np.ndarray,
+    planes,
+    cfg,
+    seed: int = 0,
+    lpips=None,
+    targets: tuple[np.ndarray, np.ndarray] | None = None,
+    sax_raw: np.ndarray | None = None,
 ) -> dict:
     """ex10 / JH_evaluate protocol (spec §3.10, §4): drop slice m, reconstruct the gap between m−1 and m+1
     with 2K−1 filled slices (end slices frozen), and score the dense slice at m's position against the
-    held-out slice: Linear (mean of neighbours), Nearest, DiffAE seed (pre-optimisation), DiffAE+LAX."""
+    held-out slice: Linear (mean of neighbours), Nearest, DiffAE seed (pre-optimisation), DiffAE+LAX.
+
+    As ex10 (L199-220), the LAX targets and the harmonisation reference are the rows K(m−1) … K(m+1) of the
+    whole stack's dense grid: ``targets`` (fork LAX volume and mask on that grid, optional) and the reference
+    of ``cfg.harmonise_reference`` over the whole stack (``sax_raw``: the slices before N4/normalisation)."""
     from dataclasses import replace
 
-    from .infer import reconstruct
+    from .infer import harmonise_reference, reconstruct
 
     sax = np.asarray(sax, np.float64)
     m = choose_heldout(sax.shape[0], seed)
@@ -149,7 +161,10 @@ def heldout_slice_eval(
     aff[:3, 3] = aff[:3, 3] + (m - 1) * aff[:3, 0]
     aff[:3, 0] = 2 * aff[:3, 0]  # the two neighbours are two slice spacings apart
     icfg = replace(cfg, K=2 * cfg.K, freeze_ends=True)
-    res = reconstruct(prior, pair, aff, planes, icfg)
+    rows = slice(cfg.K * (m - 1), cfg.K * (m + 1) + 1)  # = round(linspace(K(m-1), K(m+1), 2K+1)) of ex10
+    reference = harmonise_reference(sax, sax_raw, cfg)[rows]
+    tg = None if targets is None else (np.asarray(targets[0])[rows], np.asarray(targets[1])[rows])
+    res = reconstruct(prior, pair, aff, planes, icfg, targets=tg, reference=reference)
     k = cfg.K  # dense index of the held-out position
     gt = sax[m][None]
     methods = {

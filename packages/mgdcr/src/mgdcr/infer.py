@@ -210,13 +210,15 @@ def reconstruct(
     targets: tuple[np.ndarray, np.ndarray] | None = None,
     dtype: torch.dtype = torch.float32,
     sax_raw: np.ndarray | None = None,
+    reference: np.ndarray | None = None,
 ) -> ReconResult:
     """Core inverse optimisation on one frame.
 
     ``sax``: ``(n,H,W)`` acquired slices in [0,1] (``n >= 2``); ``sax_affine``: (s,h,w) affine; ``planes``: LAX
     views (used for the targets); ``targets``: precomputed volume-space (G, M) on the dense grid (fork data);
     ``sax_raw``: the same slices before N4 and normalisation, for ``harmonise_reference: official`` (default:
-    ``sax``). Runs on the prior's device; ``cfg.amp`` applies on CUDA only.
+    ``sax``); ``reference``: a precomputed harmonisation reference on the dense grid (ex10: rows of the whole
+    stack's). Runs on the prior's device; ``cfg.amp`` applies on CUDA only.
     """
     dev = torch.device(getattr(prior, "device", "cpu"))
     sax_t = torch.as_tensor(np.asarray(sax), dtype=dtype).to(dev)
@@ -245,7 +247,10 @@ def reconstruct(
                     f"{grid.shape} (D = K(n-1)+1 = {D})"
                 )
         if cfg.harmonise:
-            g = harmonise(g, m, harmonise_reference(sax, sax_raw, cfg))
+            ref = harmonise_reference(sax, sax_raw, cfg) if reference is None else np.asarray(reference)
+            if ref.shape != grid.shape:
+                raise ValueError(f"harmonisation reference shape {ref.shape} != dense grid {grid.shape}")
+            g = harmonise(g, m, ref)
         g_t, m_t = torch.as_tensor(g, dtype=dtype).to(dev), torch.as_tensor(m, dtype=dtype).to(dev)
     else:
         g_t = m_t = None
