@@ -81,6 +81,11 @@ class TrainConfig:
     # output fields are ~100x the targets (spec section 7), so short runs first spend steps shrinking them
     out_init_scale: float = 1.0
     seed: int = 0
+    # extension (issue 18): draw every sample's augmentation, level t and forward-process noise from
+    # generators keyed by (seed, step, position in the global batch), so N DDP ranks at batch b equal one
+    # process at batch N*b and an elastic restart equals an uninterrupted run; false = the official
+    # batch-wise draws from the per-rank global generators
+    deterministic: bool = False
     ckpt_every: int = 500
     image_every: int = 500
     log_every: int = 10  # every *_every: 0 = at the last step only (medsynth_core.training.due)

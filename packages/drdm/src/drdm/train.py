@@ -35,6 +35,20 @@ def save_preview(path: Path, x0: torch.Tensor, xt: torch.Tensor, rec: torch.Tens
     save_grid(path, [mid(x0), mid(xt), mid(rec)], titles=["x0", "I_t", "W(I_t, psi)"], value_range=(0.0, 1.0))
 
 
+def _keyed_forward(x0: torch.Tensor, step: int, seed: int, augment, diffusion, timesteps: int):
+    """``train.deterministic``: each sample's augmentation, level and forward-process draws come from
+    generators keyed by (seed, step, its position in the global batch), so they do not depend on how the
+    global batch is split over ranks."""
+    outs = []
+    for j, pos in enumerate(T.global_positions(x0.shape[0])):
+        with T.keyed_rng(seed, step, pos):
+            xj = augment(x0[j : j + 1])
+            tj = torch.randint(0, timesteps, (1,))
+            x_t, u_lab, _ = diffusion(xj, tj)
+        outs.append((xj, tj, x_t, u_lab))
+    return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
+
+
 def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
     """Train ``cfg.train.steps`` optimiser steps (or stop at ``max_steps``). Resumes from ``resume`` or the
     run directory's latest checkpoint (never from foreign files; Q9). Returns the final metrics."""
@@ -76,14 +90,18 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                 )
             )
 
-        with T.RunLogger(run) as logger, T.PreemptionGuard() as stop:
+        with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             for step, x0 in T.progress(
                 loader.iterate(start, end), total=end, initial=start, desc="drdm train"
             ):
                 model.train()
-                x0 = augment(x0.to(info.device).float())
-                t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],))
-                x_t, u_lab, _ = diffusion(x0, t)
+                if tc.deterministic:
+                    x0, t, x_t, u_lab = _keyed_forward(x0.to(info.device).float(), step, tc.seed, augment,
+                                                       diffusion, cfg.diffusion.timesteps)  # fmt: skip
+                else:
+                    x0 = augment(x0.to(info.device).float())
+                    t = torch.randint(0, cfg.diffusion.timesteps, (x0.shape[0],))
+                    x_t, u_lab, _ = diffusion(x0, t)
                 pred = model(x_t, t.to(info.device), rec_num=cfg.model.rec_num)
                 terms = drdm_loss(
                     pred,

@@ -79,13 +79,16 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
         # torchrun's rendezvous store outlives a process group, and destroy_process_group() resets
         # torch's group counter, so a second group in the same process would read the first group's
         # (stale) gloo/NCCL addresses from the store and could hang. A per-session key prefix keeps
-        # the groups apart (every rank runs the same code, so the counters agree).
+        # the groups apart (every rank runs the same code, so the counters agree). The agent's store
+        # also outlives an elastic restart (torchrun --max-restarts): the restart count keeps the new
+        # workers from reading the killed round's addresses (seen: "Connection refused" in round 2).
         store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
         store.set_timeout(timeout)
         _SESSIONS += 1
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            store=dist.PrefixStore(f"medsynth_session_{_SESSIONS}", store),
+            store=dist.PrefixStore(f"medsynth_restart_{restart}_session_{_SESSIONS}", store),
             rank=rank,
             world_size=world,
             timeout=timeout,

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -258,6 +259,39 @@ def index_rng(*keys: int) -> np.random.Generator:
     of workers and any rank produce the same augmentations for the same (epoch, index).
     """
     return np.random.default_rng([int(k) % 2**63 for k in keys])
+
+
+@contextlib.contextmanager
+def keyed_rng(*keys: int) -> Iterator[None]:
+    """Seed python's, numpy's global and torch's CPU generators from integer ``keys`` (e.g. seed, step,
+    global sample position) for the block, then restore their previous states.
+
+    Code that draws from the global generators (augmentations, noise) run per sample inside it gives the
+    same draws for the same keys whatever the batch split: the deterministic mode in which N ranks and
+    one process at the same global batch agree (issue 18). CUDA generators are not touched.
+    """
+    seq = np.random.SeedSequence([int(k) % 2**63 for k in keys])
+    s32, s64 = (int(x) for x in seq.generate_state(2, dtype=np.uint32))
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()  # noqa: NPY002
+    random.seed(s32)
+    np.random.seed(s32)  # noqa: NPY002
+    torch.manual_seed((s32 << 32) | s64)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)  # noqa: NPY002
+        torch.set_rng_state(torch_state)
+
+
+def global_positions(local_batch: int) -> list[int]:
+    """Position of each local sample in the global batch as :class:`ResumableLoader` shards it
+    (``DistributedSampler`` deals the global batch out rank by rank): ``j * world_size + rank``. With
+    one process at the global batch size the same sample has the same position."""
+    from .distributed import get_rank, get_world_size
+
+    w, r = get_world_size(), get_rank()
+    return [j * w + r for j in range(int(local_batch))]
 
 
 class ResumableLoader:
