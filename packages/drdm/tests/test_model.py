@@ -63,7 +63,9 @@ def test_official_tiny_outputs(ref, fname, entry):
     with torch.no_grad():
         for r, key in ((2, "ddf_rec2"), (1, "ddf_rec1")):
             out = net(fx["inputs"]["x"], fx["inputs"]["t"], rec_num=r)
-            torch.testing.assert_close(out, fx["outputs"][key], rtol=1e-4, atol=1e-5)  # reference README (AVX2 CPUs differ by 4.3e-6)
+            torch.testing.assert_close(
+                out, fx["outputs"][key], rtol=1e-4, atol=1e-5
+            )  # reference README (AVX2 CPUs differ by 4.3e-6)
 
 
 @torch.no_grad()

@@ -182,7 +182,9 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path):
     def kill_after_rows(n: int) -> None:
         t0 = time.time()
         while time.time() - t0 < 300:
-            if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= n:
+            if (run / "metrics.jsonl").is_file() and len(
+                (run / "metrics.jsonl").read_text().splitlines()
+            ) >= n:
                 os.kill(os.getpid(), signal.SIGTERM)  # handled in the main thread, as a scheduler's signal
                 return
             time.sleep(0.05)
@@ -321,8 +323,13 @@ def test_two_node_rendezvous_equals_one_process(tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=medsynth-test"]  # fmt: skip
     nodes = [
-        subprocess.Popen([*launch, *_train_cmd(tmp_path, "nodes", 3, *extra)[1:]], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        subprocess.Popen(
+            [*launch, *_train_cmd(tmp_path, "nodes", 3, *extra)[1:]],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
         for _ in range(2)
     ]
     for p in nodes:

@@ -65,6 +65,9 @@ class TrainConfig:
     batchsize: int = 1  # official configs: 1 (the README's 64/4 disagree, Q17)
     lr: float = 1.0e-4  # Adam, default betas/eps, no decay, no scheduler
     steps: int = 1000  # optimiser steps (the official loop counts epochs over the source set)
+    # extension: learning-rate schedule over train.steps (constant = official) and linear warm-up steps
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
     noise_scale: float = 0.1  # intensity augmentation s (spec section 7)
     geometric_aug: bool = (
         True  # 2D RandomAffine/flip/autocontrast, 3D rotation + resized crop (spec section 7)
@@ -100,6 +103,8 @@ class TrainConfig:
         require(self.dist_eps > 0, "train.dist_eps", "must be > 0")
         require(self.out_init_scale >= 0, "train.out_init_scale", "must be >= 0")
         require(self.steps >= 1, "train.steps", "must be >= 1")
+        require(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "must be constant or cosine")
+        require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         for key in ("ckpt_every", "image_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
@@ -109,6 +114,7 @@ class DataConfig:
     source: Literal["phantom", "folder"] = "phantom"  # training images: core phantoms or a NIfTI folder
     root: str = ""  # folder of NIfTI images (2D slices or 3D volumes) when source=folder
     phantom_count: int = 16  # number of phantom images when source=phantom
+    phantom_texture: float = 0.0  # labelled_anatomy(texture=) tissue texture std; 0 = flat tissue (default)
     slices: bool = True  # 2D on 3D files: use every slice along the last disk axis (ACDC layout)
     normalise: Literal["minmax", "none"] = "minmax"  # official CMR loader min-max scales each slice
     remove_background: bool = True  # 2D: official CMR loader's remove_background before min-max (spec 9)

@@ -111,9 +111,10 @@ def resize(x: torch.Tensor, size: int, mode: str = "image") -> torch.Tensor:
 class PhantomImages(Dataset):
     """``labelled_anatomy`` phantom images ``[1, *S]`` in [0, 1] (seeds 0..count-1)."""
 
-    def __init__(self, ndims: int, size: int, count: int, seed_offset: int = 0):
+    def __init__(self, ndims: int, size: int, count: int, seed_offset: int = 0, texture: float = 0.0):
         self.items = [
-            labelled_anatomy((size,) * ndims, n_labels=3, seed=seed_offset + i) for i in range(count)
+            labelled_anatomy((size,) * ndims, n_labels=3, seed=seed_offset + i, texture=texture)
+            for i in range(count)
         ]
 
     def __len__(self) -> int:
@@ -183,7 +184,9 @@ class FolderImages(Dataset):
 
 def build_dataset(cfg: DRDMConfig) -> Dataset:
     if cfg.data.source == "phantom":
-        return PhantomImages(cfg.model.ndims, cfg.diffusion.img_size, cfg.data.phantom_count)
+        return PhantomImages(
+            cfg.model.ndims, cfg.diffusion.img_size, cfg.data.phantom_count, texture=cfg.data.phantom_texture
+        )
     d = cfg.data
     if not d.root:
         raise MedicalIOError("data.root is empty: set data.root=/path/to/images (or data.source=phantom)")

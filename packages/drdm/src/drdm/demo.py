@@ -110,7 +110,8 @@ def rescore_fields(folder: str | Path) -> dict[str, dict[str, float]]:
 
 def heldout_images(cfg: DRDMConfig, n: int, seed: int = HELDOUT_SEED):
     s, nd = cfg.diffusion.img_size, cfg.model.ndims
-    return [labelled_anatomy((s,) * nd, n_labels=N_LABELS, seed=seed + i) for i in range(n)]
+    tex = cfg.data.phantom_texture  # held-out phantoms: the training family, unseen seeds
+    return [labelled_anatomy((s,) * nd, n_labels=N_LABELS, seed=seed + i, texture=tex) for i in range(n)]
 
 
 @torch.no_grad()

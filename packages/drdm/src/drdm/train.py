@@ -49,6 +49,19 @@ def _keyed_forward(x0: torch.Tensor, step: int, seed: int, augment, diffusion, t
     return tuple(torch.cat(parts) for parts in zip(*outs, strict=True))
 
 
+def lr_at(tc, step: int) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): ``train.lr`` times a linear warm-up over
+    ``train.warmup_steps`` and, for ``lr_schedule=cosine``, a cosine decay to 0 at ``train.steps``. A function
+    of the step alone, so a resumed run continues the schedule exactly."""
+    f = 1.0
+    if tc.warmup_steps > 0 and step < tc.warmup_steps:
+        f = (step + 1) / tc.warmup_steps
+    elif tc.lr_schedule == "cosine":
+        span = max(1, tc.steps - tc.warmup_steps)
+        f = 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - tc.warmup_steps) / span)))
+    return tc.lr * f
+
+
 def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
     """Train ``cfg.train.steps`` optimiser steps (or stop at ``max_steps``). Resumes from ``resume`` or the
     run directory's latest checkpoint (never from foreign files; Q9). Returns the final metrics."""
@@ -118,6 +131,9 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                     raise FloatingPointError(f"non-finite loss at step {step}: {terms}")
                 opt.zero_grad(set_to_none=True)
                 terms["loss"].backward()
+                if tc.lr_schedule != "constant" or tc.warmup_steps > 0:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(tc, step)
                 opt.step()
                 done = step + 1
                 last = D.all_reduce_dict({k: v.detach() for k, v in terms.items()})

@@ -29,12 +29,26 @@ class LabelledImage:
     n_labels: int
 
 
-def labelled_anatomy(shape: Sequence[int] = (64, 64), n_labels: int = 3, seed: int = 0) -> LabelledImage:
+def labelled_anatomy(
+    shape: Sequence[int] = (64, 64),
+    n_labels: int = 3,
+    seed: int = 0,
+    texture: float = 0.0,
+    texture_sigma: float = 1.0,
+) -> LabelledImage:
     """Smooth nested/adjacent blob structures with distinct intensities, 2D or 3D by ``len(shape)``.
 
     Label 1 is a bumpy body ellipse(oid); labels 2, 4, ... are adjacent blobs arranged around its centre and
     labels 3, 5, ... sit nested inside the preceding blob. Each label gets a distinct intensity level plus a
     smooth texture, and the image is lightly smoothed. Every label 1..n_labels is guaranteed present.
+
+    ``texture > 0`` adds tissue texture, like MR tissue texture, so that the image has gradients almost
+    everywhere (a deformation is observable only where the image is not flat): every label, background
+    included, gets its own band-limited random field (white noise low-passed by a Gaussian of
+    ``texture_sigma`` voxels, unit std) times ``texture``, added to its level; the image is then min-max
+    scaled to [0, 1] (no clipping). Aperiodic within the image (unlike a tag grid, it is not ambiguous modulo a
+    period). The texture draws come from a separate generator (``seed``, 1), so labels and the image without
+    texture are unchanged; ``texture=0`` (default) is the original phantom bit for bit.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) not in (2, 3) or min(shape) < 4:
@@ -85,5 +99,15 @@ def labelled_anatomy(shape: Sequence[int] = (64, 64), n_labels: int = 3, seed: i
 
     levels = np.concatenate([[0.05], rng.permutation(np.linspace(0.3, 0.95, n_labels))])
     image = levels[labels] + 0.035 * smooth_noise(shape, rng, sig / 12) * (labels > 0)
+    if texture < 0 or texture_sigma <= 0:
+        raise ValueError(f"texture must be >= 0 and texture_sigma > 0, got {texture}, {texture_sigma}")
+    if texture > 0:
+        trng = np.random.default_rng([int(seed), 1])
+        for k in range(n_labels + 1):
+            field = smooth_noise(shape, trng, texture_sigma)
+            image = image + texture * field * (labels == k)
+        image = _blur(image, 0.6)
+        image = ((image - image.min()) / max(float(image.max() - image.min()), 1e-12)).astype(np.float32)
+        return LabelledImage(image, labels, int(n_labels))
     image = np.clip(_blur(image, 0.6), 0.0, 1.0).astype(np.float32)
     return LabelledImage(image, labels, int(n_labels))
