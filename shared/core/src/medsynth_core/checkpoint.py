@@ -70,6 +70,12 @@ def _states(objs: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v.state_dict() for k, v in (objs or {}).items() if v is not None}
 
 
+def _first_line(exc: BaseException) -> str:
+    """torch.load's messages run over many lines (weights_only advice); errors are one line."""
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+    return lines[0] if lines else ""
+
+
 def build_checkpoint(
     *,
     kind: str,
@@ -125,7 +131,7 @@ def load_checkpoint(
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, pickle with code objects, ...
         raise CheckpointError(
-            f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}); "
+            f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {_first_line(exc)}); "
             "it may be truncated or not a medsynth checkpoint (official checkpoints: use convert-official)"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -172,7 +178,7 @@ def load_official_file(path: str | os.PathLike, trust_pickle: bool = False) -> A
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {_first_line(exc)})") from exc
     try:
         with torch.serialization.safe_globals(_official_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -187,7 +193,7 @@ def load_official_file(path: str | os.PathLike, trust_pickle: bool = False) -> A
             "the file, pass --trust-pickle (full pickle can run code)"
         ) from exc
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
 def _key_report(missing: list[str], unexpected: list[str], limit: int = 12) -> str:

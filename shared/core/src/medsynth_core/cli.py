@@ -106,7 +106,8 @@ def run_cli(prog: str, description: str, verbs: Sequence[Verb], argv: Sequence[s
     try:
         return int(args._run(args) or 0)
     except _user_errors() as exc:
-        print(f"{prog} {args.verb}: error: {exc}", file=sys.stderr)
+        # one line whatever the message holds (YAML marks, torch advice run over several lines)
+        print(f"{prog} {args.verb}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"{prog} {args.verb}: interrupted", file=sys.stderr)

@@ -1,0 +1,91 @@
+"""Issue 18: the shared bad-input matrix (medsynth_core.testing) against the inference verbs: every damaged
+image or checkpoint exits 2 with exactly one line on stderr naming the file, never a traceback, and
+writes nothing. The other packages join as their inference verbs are brought to the same standard."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsynth_core.testing import bad_checkpoint_files, bad_image_files
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_CASES = sorted(bad_image_files(Path("/tmp") / "medsynth-bad-names-only"))  # names only, for ids
+CKPT_CASES = [*sorted(bad_checkpoint_files(Path("/tmp") / "medsynth-bad-names-only")), "cut_ckpt"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A real one-step checkpoint of each package (random initialisation, tiny configs)."""
+    from drdm.config import load as drdm_load
+    from drdm.train import train as drdm_train
+    from fda_vae.config import Config
+    from fda_vae.train import train as fda_train
+    from medsynth_core.config import load_config
+
+    tmp = tmp_path_factory.mktemp("ckpts")
+    torch.set_num_threads(1)
+    fda_over = [f"out_root={tmp}", "model.channels=[8,16]", "model.latent_channels=4", "train.batch_size=2",
+                "data.image_size=16", "data.phantom_train=4", "data.phantom_val=2", "data.phantom_size=32",
+                "train.max_steps=1", "train.val_every=1000", "train.sample_every=1000"]  # fmt: skip
+    fda = fda_train(load_config(Config, REPO / "packages/fda-vae/configs/demo.yaml", fda_over))["checkpoint"]
+    dr = drdm_train(drdm_load("demo", [f"out_dir={tmp}", "train.steps=1", "data.phantom_count=2",
+                                       "train.batchsize=1", "train.image_every=1000"]))  # fmt: skip
+    return {"fda_vae": Path(fda), "drdm": Path(dr["run_dir"]) / "checkpoints" / "step_00000001.pt"}
+
+
+def _argv(module: str, ckpt: Path, image: Path, out: Path) -> list[str]:
+    if module == "fda_vae":
+        return ["synthesize", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out / "o.nii.gz")]
+    # drdm augment reads a folder: the bad file alone in it (a folder case is the folder itself)
+    folder = image if image.is_dir() else image.parent / f"only_{image.name}"
+    if not image.is_dir():
+        folder.mkdir(exist_ok=True)
+        target = folder / image.name
+        if image.exists() and not target.exists():
+            target.write_bytes(image.read_bytes())
+        if not image.exists():
+            folder = image.parent / "missing_folder"
+    return ["augment", "--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out),
+            "augment.aug_coe=1", "augment.start_noise_step=2"]  # fmt: skip
+
+
+def _check(capsys, rc: int, prog: str, verb: str, names: str, out: Path) -> str:
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog} {verb}: error: "), err
+    assert names in lines[0] and "Traceback" not in err, err
+    assert not out.exists() or not any(out.rglob("*.nii*")), sorted(out.rglob("*"))
+    return lines[0]
+
+
+PACKAGES = {"fda_vae": ("fda-vae", "synthesize"), "drdm": ("drdm", "augment")}
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+@pytest.mark.parametrize("module", sorted(PACKAGES))
+def test_bad_image(module, case, checkpoints, tmp_path, capsys):
+    image = bad_image_files(tmp_path / "in")[case]
+    out = tmp_path / "out"
+    rc = importlib.import_module(f"{module}.cli").main(_argv(module, checkpoints[module], image, out))
+    prog, verb = PACKAGES[module]
+    name = image.name if module == "fda_vae" or image.is_dir() or image.exists() else "missing_folder"
+    _check(capsys, rc, prog, verb, name, out)
+
+
+@pytest.mark.parametrize("case", CKPT_CASES)
+@pytest.mark.parametrize("module", sorted(PACKAGES))
+def test_bad_checkpoint(module, case, checkpoints, tmp_path, capsys):
+    from medsynth_core.io import write_image
+
+    ckpt = bad_checkpoint_files(tmp_path / "ck", checkpoints[module])[case]
+    image = write_image(np.random.default_rng(0).random((16, 16, 2)).astype(np.float32), tmp_path / "in" / "a.nii.gz")
+    out = tmp_path / "out"
+    rc = importlib.import_module(f"{module}.cli").main(_argv(module, ckpt, image, out))
+    prog, verb = PACKAGES[module]
+    _check(capsys, rc, prog, verb, ckpt.name, out)
