@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from medsynth_core.testing import bad_checkpoint_files, bad_image_files
+from medsynth_core.testing import CHECKPOINT_CASES, IMAGE_CASES, bad_checkpoint_files, bad_image_files
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGE_CASES = sorted(bad_image_files(Path("/tmp") / "medsynth-bad-names-only"))  # names only, for ids
-CKPT_CASES = [*sorted(bad_checkpoint_files(Path("/tmp") / "medsynth-bad-names-only")), "cut_ckpt"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +76,7 @@ def test_bad_image(module, case, checkpoints, tmp_path, capsys):
     _check(capsys, rc, prog, verb, name, out)
 
 
-@pytest.mark.parametrize("case", CKPT_CASES)
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
 @pytest.mark.parametrize("module", sorted(PACKAGES))
 def test_bad_checkpoint(module, case, checkpoints, tmp_path, capsys):
     from medsynth_core.io import write_image

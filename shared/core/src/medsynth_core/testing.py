@@ -13,6 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+IMAGE_CASES = ("missing", "zero_bytes", "cut_half", "no_trailer", "flipped_byte", "cut_plain", "text", "nan",
+               "inf", "five_d", "empty_folder")  # fmt: skip
+CHECKPOINT_CASES = ("missing_ckpt", "zero_bytes_ckpt", "random_bytes_ckpt", "nifti_as_ckpt", "bare_state_dict",
+                    "other_kind_ckpt", "cut_ckpt")  # fmt: skip
+
 
 def _write_nifti(path: Path, arr: np.ndarray) -> Path:
     import nibabel as nib
@@ -57,6 +62,7 @@ def bad_image_files(folder: str | os.PathLike, shape: tuple[int, ...] = (16, 16,
     (folder / "empty_folder").mkdir(exist_ok=True)
     out["empty_folder"] = folder / "empty_folder"
     good.unlink()
+    assert tuple(out) == IMAGE_CASES
     return out
 
 
