@@ -19,7 +19,7 @@ from md3d_testutils import DEMO, PAPER, tiny_fixture  # noqa: E402
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--out", str(out)]) == 0
+    assert main(["demo", "--chain", "--out", str(out)]) == 0
     return out
 
 
@@ -364,3 +364,31 @@ def test_controlnet_resume_is_bit_exact_and_base_untouched(demo_out, tmp_path):
     )
     after = load_checkpoint(bf, kind="meddiffusion3d-biflownet")["models"]["model"]
     assert all(torch.equal(v, after[k]) for k, v in base_before.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [True, False])
+def test_controlnet_from_cached_latents_trains_like_per_step_encoding(demo_out, tmp_path, cache):
+    """controlnet.cache_latents both ways: the same (deterministic thick-slice) pairs, so the same weights."""
+    from md3d_testutils import demo_config
+
+    from meddiffusion3d.train_controlnet import KIND, latest_checkpoint, train_controlnet
+    from medsynth_core.checkpoint import load_checkpoint
+
+    bf = json.loads((demo_out / "metrics.json").read_text())["diffusion"]["checkpoints"]["biflownet"]
+
+    def cfg(root, flag):
+        return demo_config(
+            f"run.root={root}",
+            f"controlnet.base={bf}",
+            "controlnet.steps=2",
+            "data.n_volumes=2",
+            f"controlnet.cache_latents={str(flag).lower()}",
+        )
+
+    train_controlnet(cfg(tmp_path / "a", cache))
+    train_controlnet(cfg(tmp_path / "b", not cache))
+    a = load_checkpoint(latest_checkpoint(cfg(tmp_path / "a", cache)), kind=KIND)["models"]["controlnet"]
+    b = load_checkpoint(latest_checkpoint(cfg(tmp_path / "b", not cache)), kind=KIND)["models"]["controlnet"]
+    for k, v in a.items():
+        torch.testing.assert_close(v, b[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -90,6 +90,7 @@ class DataConfig:
     volume: tuple[int, int, int] = (32, 32, 32)  # synthetic volume shape (D, H, W)
     n_volumes: int = 4  # synthetic volumes
     n_classes: int = 2
+    phantom_seed: int = 0  # synthetic: classed_volumes(seed=...); held-out phantoms use another seed
     patch: int = 64  # stage-1 crop / stage-2 patch size P
     intensity: Literal["unit", "ct", "mr", "none"] = "unit"  # unit: files in [0,1] → 2x−1 (official)
     ct_window: tuple[float, float] = (-1000.0, 1000.0)  # HU range → [-1, 1] (not in the official code)
@@ -102,6 +103,10 @@ class DataConfig:
     flip_p: float = 0.5  # in-plane flip, then in-plane rot90 (stage 1)
     rot_p: float = 0.5
     num_workers: int = 0
+    # true: each file is read, resampled and intensity-mapped once and kept in memory; stage-1 crops come
+    # from that copy. false (official torchio dataset): the file is re-read and resampled for every crop.
+    # Off by default because a whole real dataset rarely fits in memory; the phantom recipe turns it on.
+    cache_volumes: bool = False
 
     def __post_init__(self) -> None:
         require(self.patch > 0, "patch", "must be > 0")
@@ -211,6 +216,10 @@ class ControlNetConfig:
     control_scales: tuple[float, ...] = (1.0,)  # one value for all, or one per level + mid
     ckpt_every: int = 500
     log_every: int = 50
+    # true (official: the authors fine-tune on folders of pre-computed condition/GT latents): every training
+    # volume and its degraded hint are encoded once by the frozen AE before the loop. false: encode the
+    # clean volume and simulate + encode the hint at every step (slower; random stage-2 crops every epoch)
+    cache_latents: bool = True
 
     def __post_init__(self) -> None:
         require(self.hint_channels > 0, "hint_channels", "must be > 0")

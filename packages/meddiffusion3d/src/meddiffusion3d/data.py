@@ -81,7 +81,7 @@ class VolumeSource:
         if cfg.synthetic:
             from medsynth_core.phantoms import classed_volumes
 
-            cv = classed_volumes(cfg.n_volumes, cfg.volume, n_classes=cfg.n_classes, seed=0)
+            cv = classed_volumes(cfg.n_volumes, cfg.volume, n_classes=cfg.n_classes, seed=cfg.phantom_seed)
             self.arrays = [v for v in cv.volumes]
             self.files: list[Path] = []
             self.names = [f"phantom_{i:03d}" for i in range(len(self.arrays))]
@@ -97,6 +97,7 @@ class VolumeSource:
                 raise mio.MedicalIOError(f"{cfg.root}: the {split} split is empty")
             self.arrays = []
             self.names = [f.name.split(".")[0] for f in self.files]
+        self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.arrays) if self.arrays else len(self.files)
@@ -104,7 +105,11 @@ class VolumeSource:
     def __getitem__(self, i: int) -> np.ndarray:
         if self.arrays:
             return self.arrays[i]
-        return load_volume(self.files[i], self.cfg)[0]
+        if not self.cfg.cache_volumes:
+            return load_volume(self.files[i], self.cfg)[0]
+        if i not in self._cache:  # read + resample + intensity map once per file
+            self._cache[i] = load_volume(self.files[i], self.cfg)[0]
+        return self._cache[i]
 
 
 def _augment(crop: np.ndarray, rng: np.random.Generator, flip_p: float, rot_p: float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``meddiffusion3d demo``: the whole chain on the 32³ phantoms (spec §8, checklist 15).
+"""``meddiffusion3d demo --chain``: seconds-long smoke test of the whole chain on the 32³ phantoms (spec §8, checklist 15).
 
 AE stage 1 (half the steps, then a resume from the checkpoint for the rest) → stage 2 → encode the
 phantoms to normalised latent files (+ class manifest) → decode one back → BiFlowNet on the latents (half,

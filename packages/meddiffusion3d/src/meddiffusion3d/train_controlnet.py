@@ -84,6 +84,36 @@ class _Encoder:
             raise UserError(str(exc)) from exc
 
 
+@torch.no_grad()
+def encode_pair(x: torch.Tensor, cfg: Config, enc: _Encoder, step: int | str = "cache"):
+    """Clean volumes (B, 1, D, H, W) → (normalised latent z0, hint) with the frozen AE."""
+    if not torch.isfinite(x).all():
+        raise UserError(f"step {step}: the input batch holds NaN/Inf; check the data files")
+    z0 = enc(x)
+    return z0, make_hint(simulate(x, cfg), cfg.controlnet.variant, z0.shape[2:], enc)
+
+
+class _PairCache(torch.utils.data.Dataset):
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        return self.pairs[i]
+
+
+def cached_pairs(ds, cfg: Config, enc: _Encoder, device) -> _PairCache:
+    """Encode every training volume (its epoch-0 stage-2 crop) and its degraded hint once
+    (``controlnet.cache_latents``, the official latent-folder fine-tuning)."""
+    pairs = []
+    for i in range(len(ds)):
+        z0, hint = encode_pair(ds[i][None].to(device), cfg, enc, f"cache volume {i}")
+        pairs.append((z0[0].cpu(), hint[0].cpu()))
+    return _PairCache(pairs)
+
+
 def run_dir(cfg: Config) -> T.RunDir:
     return T.RunDir.create(cfg.run.root, PACKAGE, f"{cfg.run.name}/controlnet_{cfg.controlnet.task}")
 
@@ -121,6 +151,8 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
             resume, KIND, map_location=device, models={"controlnet": m.controlnet}, optimizers={"opt": opt}
         )
         ddp = D.wrap_ddp(m, info)
+        if cc.cache_latents:
+            ds = cached_pairs(ds, cfg, enc, device)
         loader = T.ResumableLoader(ds, cc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         ckpt_cfg = config_to_dict(cfg)
         extra = {
@@ -133,14 +165,12 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
             bar = T.progress(
                 loader.iterate(start, cc.steps), total=cc.steps, initial=start, desc="controlnet"
             )
-            for step, x in bar:
-                x = x.to(device)
-                if not torch.isfinite(x).all():
-                    raise UserError(f"step {step}: the input batch holds NaN/Inf; check the data files")
-                with torch.no_grad():
-                    z0 = enc(x)
-                    hint = make_hint(simulate(x, cfg), cc.variant, z0.shape[2:], enc)
-                y = torch.full((x.shape[0],), cc.class_label, dtype=torch.long, device=device)
+            for step, batch in bar:
+                if cc.cache_latents:
+                    z0, hint = (t.to(device) for t in batch)
+                else:
+                    z0, hint = encode_pair(batch.to(device), cfg, enc, step)
+                y = torch.full((z0.shape[0],), cc.class_label, dtype=torch.long, device=device)
                 g = step_generator(cfg.run.seed, step, info.rank, device)
                 opt.zero_grad(set_to_none=True)
                 loss = diff.training_loss(
