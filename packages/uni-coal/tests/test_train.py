@@ -65,18 +65,6 @@ def test_torchrun_two_processes(tmp_path):
     assert ck["step"] == 2
 
 
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path):
-    from uni_coal.cli import main
-
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    m = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(m["examples"]) == {"CMS", "SR", "CMSR"}
-    assert all(0 < v["psnr"] < 100 and -1 <= v["ssim"] <= 1 for v in m["examples"].values())
-    assert m["resumed_from"] == m["steps"] // 2
-    assert (tmp_path / "figure.png").stat().st_size > 1000
-
-
 def test_summary_cli(capsys):
     from uni_coal.cli import main
 
