@@ -47,6 +47,7 @@ OVERRIDES = [
     "generator.enc_dropout=0",
     "discriminator.mbstd_group=4",
     "data.kind=phantom",
+    "data.phantom_subjects=3",  # 2 training subjects x 24 slices: 6 steps per epoch at either split
     "train.num_workers=0",
     "train.ckpt_every=0",
     "train.sample_every=0",
