@@ -56,11 +56,12 @@ def test_cosine_schedule_changes_training_and_resumes_exactly(tmp_path):
 
 
 def test_phantom_texture_flag():
-    flat = load("demo", ["data.phantom_count=3"])
-    assert flat.data.phantom_texture == 0.0
+    assert load("paper", ["data.source=phantom"]).data.phantom_texture == 0.0  # spec default: flat tissue
+    assert load("demo").data.phantom_texture == 0.3  # the demo recipe (README)
+    flat = load("demo", ["data.phantom_count=3", "data.phantom_texture=0"])
     ds = build_dataset(flat)
     assert np.array_equal(ds[1][0].numpy(), labelled_anatomy((32, 32), n_labels=3, seed=1).image)
-    tex = load("demo", ["data.phantom_count=3", "data.phantom_texture=0.08"])
+    tex = load("demo", ["data.phantom_count=3", "data.phantom_texture=0.08"])  # the family, any amplitude
     ds_t = build_dataset(tex)
     ref = labelled_anatomy((32, 32), n_labels=3, seed=1, texture=0.08).image
     assert np.array_equal(ds_t[1][0].numpy(), ref) and not np.array_equal(ref, ds[1][0].numpy())
