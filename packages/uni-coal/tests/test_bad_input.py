@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fractions
 
+import pytest
 import torch
 
 from uni_coal.cli import main
@@ -31,3 +32,18 @@ def test_bad_train_counts_exit_2(tmp_path, capsys):
         assert main(["train", "--config", str(demo), f"run_root={tmp_path}", override]) == 2
         err = capsys.readouterr().err
         assert key in err and "Traceback" not in err
+
+
+def test_truncated_nifti_refused_not_zero_filled(tmp_path):
+    """Issue 18: SimpleITK read a .nii.gz cut short (or with a flipped byte) and filled the missing voxels
+    with zeros, so synthesize wrote an output without a warning; the readers now refuse it in one line."""
+    from medsynth_core.io import MedicalIOError
+    from medsynth_core.testing import bad_image_files
+    from uni_coal.data import read_lps_array
+    from uni_coal.prepare import read_image
+
+    files = bad_image_files(tmp_path)
+    for case in ("no_trailer", "flipped_byte", "cut_plain"):
+        for reader in (read_lps_array, read_image):
+            with pytest.raises(MedicalIOError, match=f"{files[case].name}: file is"):
+                reader(files[case])

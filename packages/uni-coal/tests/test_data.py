@@ -109,7 +109,8 @@ def test_prepare_and_h5_reader(tmp_path):
                 "--modalities",
                 "T1",
                 "T2",
-                "PD",
+                "--registration",
+                "none",  # random arrays: nothing to register; prepare's own tests cover registration
             ]
         )
         == 0

@@ -49,6 +49,9 @@ def read_lps_array(path: str | Path) -> tuple[np.ndarray, object]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    from medsynth_core.io import verify_file_complete
+
+    verify_file_complete(path)  # SimpleITK zero-fills a truncated file silently (issue 18)
     try:
         img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
     except RuntimeError as exc:
