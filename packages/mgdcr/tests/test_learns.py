@@ -107,3 +107,36 @@ def test_recipe_and_budget(demo):
     its = m["inverse"]["iterations"]
     assert len(its) == len(cfg.demo.heldout_seeds) and all(1 <= i <= cfg.inverse.iterations for i in its)
     assert m["seconds"]["total"] < 8 * 60  # LEARNING.md budget (prior + inverse, 2 CPU cores)
+
+
+# The second phantom family (demo.family=base): the base plane lies between acquired slices 0 and 1, so the
+# heart appears within the first gap, an edge that z-linear cross-fades and only the LAX planes show. The
+# same trained prior reconstructs it with and without the LAX term.
+LAX_MARGIN_BASE = 0.5  # dB, volume PSNR: ours >= ours without LAX + this (measured +0.8..+1.4 dB per case)
+
+
+@pytest.fixture(scope="module")
+def base_family(demo, tmp_path_factory):
+    _, _, m = demo
+    prior = m["train"]["checkpoint"]
+    runs = {}
+    for name, extra in (("lax", []), ("nolax", ["inverse.lambda_lax=0"])):
+        out = tmp_path_factory.mktemp(f"mgdcr_base_{name}")
+        run_demo(out, overrides=["demo.family=base", *extra], prior=prior)
+        runs[name] = json.loads((out / "metrics.json").read_text())
+    return runs
+
+
+def test_lax_guidance_matters_on_the_base_family(base_family):
+    lax, nolax = base_family["lax"]["heldout"], base_family["nolax"]["heldout"]
+    assert base_family["lax"]["subjects"]["family"] == "base"
+    assert nolax["baselines"]["z_linear"] == pytest.approx(lax["baselines"]["z_linear"])
+    # z-linear cannot recover the base edge: well below its score on the apex family
+    assert lax["baselines"]["z_linear"] < 24.0
+    assert lax["method"] >= nolax["method"] + LAX_MARGIN_BASE, (lax["method"], nolax["method"])
+    ps, ps0 = lax["psnr_slice_mean_db"], nolax["psnr_slice_mean_db"]
+    assert ps["method"] >= ps0["method"] + LAX_MARGIN_BASE, (ps, ps0)
+    assert ps["method"] >= ps["baselines"]["z_linear"] + PER_SLICE_MARGIN, ps
+    assert lax["bloodpool_dice"]["method"] >= nolax["bloodpool_dice"]["method"]
+    assert lax["bloodpool_dice"]["method"] >= lax["bloodpool_dice"]["baselines"]["z_linear"]
+    # not asserted: on the volume, ours is level with z-linear on this family (README, "Not done yet")

@@ -171,6 +171,10 @@ class DemoConfig:
     n_slices: int = 5
     slice_spacing: float = 8.0
     slice_offset: float = 0.0  # mm along the long axis (cardiac_cine); < 0 moves the base between slices
+    # phantom family (added to slice_offset): "apex" (the stack starts 4 mm below the base plane, the apex lies
+    # in the last gap), "base" (the stack 6 mm higher: the first slice is above the heart, the base plane lies
+    # 2 mm into the first gap, a through-plane edge that only the LAX planes show)
+    family: Literal["apex", "base"] = "apex"
     n_frames: int = 2
     frame: int = 0
 

@@ -34,6 +34,8 @@ DEMO_CONFIG = "toy.yaml"
 # issue 14 / spec §7-E4 on the held-out dense slices: volume PSNR over them (dB)
 MARGINS = {"z_linear": 1.0, "seeds": 0.5}
 PER_SLICE_MARGIN = 0.5  # mean per-slice PSNR: ours >= z_linear + 0.5 dB
+# demo.family -> stack shift along the long axis (mm), added to demo.slice_offset
+FAMILY_OFFSETS = {"apex": 0.0, "base": -6.0}
 
 
 def phantom_case(
@@ -89,7 +91,7 @@ def demo_case(cfg, seed: int) -> dict:
         slice_spacing=d.slice_spacing,
         pixel_spacing=cfg.data.phantom_pixel_spacing,
         n_frames=d.n_frames,
-        slice_offset=d.slice_offset,
+        slice_offset=d.slice_offset + FAMILY_OFFSETS[d.family],
         supersample=cfg.data.phantom_supersample,
     )
 
@@ -333,6 +335,7 @@ def run_demo(
         subjects={
             "train": sorted(trained),
             "heldout": list(cfg.demo.heldout_seeds),
+            "family": cfg.demo.family,
             "val_fraction": cfg.data.val_fraction,
         },
         heldout_slices=heldout_slices(cfg.inverse.K * (cfg.demo.n_slices - 1) + 1, cfg.inverse.K),
