@@ -26,7 +26,7 @@ import numpy as np
 
 from medsynth_core.cli import UserError
 
-from .data import rescale_uint8
+from .data import read_lps_array, rescale_uint8
 
 
 @dataclass(frozen=True)
@@ -60,19 +60,8 @@ def _sitk():
 
 
 def read_image(path: Path):
-    sitk = _sitk()
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    from medsynth_core.io import verify_file_complete
-
-    verify_file_complete(path)  # SimpleITK zero-fills a truncated file silently (issue 18)
-    try:
-        img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
-    except RuntimeError as exc:
-        raise UserError(f"{path}: cannot be read as an image ({str(exc).strip().splitlines()[0]})") from exc
-    if img.GetDimension() != 3:
-        raise UserError(f"{path}: expected a 3D volume, got {img.GetDimension()}D")
-    return img
+    """A 3D volume as an LPS-oriented SimpleITK image (the training loader's reader: complete, finite, 3D)."""
+    return read_lps_array(path)[1]
 
 
 def register(fixed, moving, method: str, interpolator: str, seed: int = 0):
