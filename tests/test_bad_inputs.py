@@ -1,6 +1,6 @@
 """Issue 18: the shared bad-input matrix (medsynth_core.testing) against the inference verbs: every damaged
 image or checkpoint exits 2 with exactly one line on stderr naming the file, never a traceback, and
-writes nothing. The other packages join as their inference verbs are brought to the same standard."""
+writes nothing: fda-vae synthesize, drdm augment, uni-coal synthesize, mgdcr reconstruct, meddiffusion3d encode."""
 
 from __future__ import annotations
 
@@ -33,12 +33,40 @@ def checkpoints(tmp_path_factory):
     fda = fda_train(load_config(Config, REPO / "packages/fda-vae/configs/demo.yaml", fda_over))["checkpoint"]
     dr = drdm_train(drdm_load("demo", [f"out_dir={tmp}", "train.steps=1", "data.phantom_count=2",
                                        "train.batchsize=1", "train.image_every=1000"]))  # fmt: skip
-    return {"fda_vae": Path(fda), "drdm": Path(dr["run_dir"]) / "checkpoints" / "step_00000001.pt"}
+    from meddiffusion3d.config import Config as MDConfig
+    from meddiffusion3d.config import build_autoencoder
+    from medsynth_core import checkpoint as C
+    from medsynth_core.config import config_to_dict
+    from mgdcr.cli import main as mgdcr_main
+    from uni_coal.config import Config as UCConfig
+    from uni_coal.model import UniCOALGenerator
+
+    torch.manual_seed(0)
+    uc_cfg = load_config(UCConfig, REPO / "packages/uni-coal/configs/demo.yaml")
+    uc = C.build_checkpoint(kind="uni-coal", step=0, models={"G_ema": UniCOALGenerator(uc_cfg.generator)},
+                            config=config_to_dict(uc_cfg), include_rng=False)  # fmt: skip
+    md_cfg = load_config(MDConfig, REPO / "packages/meddiffusion3d/configs/demo.yaml")
+    md = C.build_checkpoint(kind="meddiffusion3d-ae", step=0, models={"ae": build_autoencoder(md_cfg.ae)},
+                            config=config_to_dict(md_cfg), include_rng=False)  # fmt: skip
+    micro = ["train", "--config", str(REPO / "packages/mgdcr/configs/micro.yaml"), f"run_root={tmp}",
+             "train.steps=1", "train.ckpt_every=1", "train.sample_every=0"]  # fmt: skip
+    assert mgdcr_main(micro) == 0
+    return {"fda_vae": Path(fda), "drdm": Path(dr["run_dir"]) / "checkpoints" / "step_00000001.pt",
+            "uni_coal": C.atomic_torch_save(uc, tmp / "uni_coal.pt"),
+            "meddiffusion3d": C.atomic_torch_save(md, tmp / "md3d_ae.pt"),
+            "mgdcr": tmp / "mgdcr" / "micro" / "checkpoints" / "step_00000001.pt"}  # fmt: skip
 
 
 def _argv(module: str, ckpt: Path, image: Path, out: Path) -> list[str]:
     if module == "fda_vae":
         return ["synthesize", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out / "o.nii.gz")]
+    if module == "uni_coal":
+        return ["synthesize", "--checkpoint", str(ckpt), "--input", str(image), "--output", str(out / "o.nii.gz"),
+                "--target", "PD"]  # fmt: skip
+    if module == "mgdcr":  # the damaged file as the SAX cine and as the LAX plane
+        return ["reconstruct", "--checkpoint", str(ckpt), "--sax", str(image), "--lax", str(image), "--out", str(out)]
+    if module == "meddiffusion3d":
+        return ["encode", "--checkpoint", str(ckpt), "--input", str(image), "--out", str(out)]
     # drdm augment reads a folder: the bad file alone in it (a folder case is the folder itself)
     folder = image if image.is_dir() else image.parent / f"only_{image.name}"
     if not image.is_dir():
@@ -59,10 +87,12 @@ def _check(capsys, rc: int, prog: str, verb: str, names: str, out: Path) -> str:
     assert len(lines) == 1 and lines[0].startswith(f"{prog} {verb}: error: "), err
     assert names in lines[0] and "Traceback" not in err, err
     assert not out.exists() or not any(out.rglob("*.nii*")), sorted(out.rglob("*"))
+    assert not out.exists() or not any(out.rglob("*.pt")), sorted(out.rglob("*"))
     return lines[0]
 
 
-PACKAGES = {"fda_vae": ("fda-vae", "synthesize"), "drdm": ("drdm", "augment")}
+PACKAGES = {"fda_vae": ("fda-vae", "synthesize"), "drdm": ("drdm", "augment"), "uni_coal": ("uni-coal", "synthesize"),
+            "mgdcr": ("mgdcr", "reconstruct"), "meddiffusion3d": ("meddiffusion3d", "encode")}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", IMAGE_CASES)
@@ -72,7 +102,7 @@ def test_bad_image(module, case, checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     rc = importlib.import_module(f"{module}.cli").main(_argv(module, checkpoints[module], image, out))
     prog, verb = PACKAGES[module]
-    name = image.name if module == "fda_vae" or image.is_dir() or image.exists() else "missing_folder"
+    name = image.name if module != "drdm" or image.is_dir() or image.exists() else "missing_folder"
     _check(capsys, rc, prog, verb, name, out)
 
 

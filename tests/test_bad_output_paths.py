@@ -74,3 +74,28 @@ def test_fda_vae_outputs_are_checked_first(blocker, tmp_path, capsys):
     assert main(["prepare", str(tmp_path), str(blocker)]) == 2
     assert "output root is an existing file" in _one_line(capsys, "fda-vae", "prepare", blocker)
     assert blocker.read_text() == "keep me"
+
+
+def test_uni_coal_mgdcr_md3d_outputs_are_checked_first(blocker, tmp_path, capsys):
+    """uni-coal synthesize, mgdcr encode/reconstruct, meddiffusion3d encode/decode: the output is refused
+    before the checkpoint is opened (a missing checkpoint would be the other error)."""
+    from medsynth_core.io import write_image
+
+    src = write_image(np.zeros((8, 8, 4), np.float32), tmp_path / "in.nii.gz")
+    missing = str(tmp_path / "none.pt")
+    uc = _main("uni_coal")
+    args = ["--checkpoint", missing, "--input", str(src), "--target", "PD", "--output"]
+    assert uc(["synthesize", *args, str(blocker / "o.nii.gz")]) == 2
+    assert "cannot be created because" in _one_line(capsys, "uni-coal", "synthesize", blocker / "o.nii.gz")
+    assert uc(["synthesize", *args, str(tmp_path)]) == 2
+    assert "--output is an existing folder, not a file" in _one_line(capsys, "uni-coal", "synthesize", tmp_path)
+    mg = _main("mgdcr")
+    assert mg(["reconstruct", "--checkpoint", missing, "--sax", str(src), "--lax", str(src), "--out", str(blocker)]) == 2
+    assert "--out is an existing file, not a folder" in _one_line(capsys, "mgdcr", "reconstruct", blocker)
+    assert mg(["encode", "--checkpoint", missing, "--input", str(src), "--out", str(blocker / "lat.pt")]) == 2
+    assert "cannot be created because" in _one_line(capsys, "mgdcr", "encode", blocker / "lat.pt")
+    md = _main("meddiffusion3d")
+    for verb in ("encode", "decode"):
+        assert md([verb, "--checkpoint", missing, "--input", str(src), "--out", str(blocker)]) == 2
+        assert "--out is an existing file, not a folder" in _one_line(capsys, "meddiffusion3d", verb, blocker)
+    assert blocker.read_text() == "keep me"

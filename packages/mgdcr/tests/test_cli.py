@@ -255,6 +255,14 @@ def test_reconstruct_bad_inputs(tmp_path, micro_ckpt, capsys):
         ]
     )
     assert rc == 2 and "frame 5" in capsys.readouterr().err
+    # issue 18: a 3D (x, y, time) file given as the cine is named as such, not as a bare slice-size mismatch
+    xyt = write_image(
+        np.random.default_rng(0).random((20, 20, 10)).astype(np.float32), tmp_path / "xyt.nii.gz"
+    )
+    assert main(_reconstruct_args(micro_ckpt, xyt, laxes, tmp_path / "o")) == 2
+    err = capsys.readouterr().err
+    assert "xyt.nii.gz: a 3D file is read as one frame of 10 slices of 20x20" in err and "4D SAX cine" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_demo_end_to_end_micro(tmp_path):

@@ -71,9 +71,12 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _encode(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
+
     from .infer import encode_files
     from .train_ae import load_autoencoder
 
+    check_output_path(args.out, what="--out")  # before loading anything (issue 18)
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
     for f in encode_files(ae, cfg, args.input, args.out, pad=args.pad, chunk=args.chunk, device=args.device):
         print(f)
@@ -89,9 +92,12 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
+
     from .infer import decode_files
     from .train_ae import load_autoencoder
 
+    check_output_path(args.out, what="--out")
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
     for f in decode_files(
         ae, cfg, args.input, args.out, tile=args.tile, overlap=args.overlap, device=args.device

@@ -65,12 +65,12 @@ def encode_files(
     device: str | torch.device = "cpu",
 ) -> list[Path]:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     norm = LatentNorm.from_codebook(ae)
     p = cfg.data.patch
     written = []
     for f in _inputs(inputs):
         vol, img = load_volume(f, cfg.data)
+        mio.warn_if_constant(vol, str(f), "its latent carries no information about the image")
         shape = vol.shape
         if any(s % p for s in shape):
             if not pad:
@@ -79,6 +79,7 @@ def encode_files(
                     f"with background (-1) or crop/resample the volume"
                 )
             vol = pad_to_multiple(vol, p)
+        out.mkdir(parents=True, exist_ok=True)  # only once an input has been read (issue 18)
         x = torch.from_numpy(vol)[None, None].to(device)
         z = patch_encode(ae, x, p, quantize=False, chunk=chunk or cfg.infer.chunk)
         zn = norm.norm(z)[0].cpu()

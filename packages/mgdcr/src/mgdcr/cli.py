@@ -56,12 +56,15 @@ def _add_encode(p: argparse.ArgumentParser) -> None:
 def _encode(args: argparse.Namespace) -> int:
     import torch
 
+    from medsynth_core.atomic import check_output_path
+    from medsynth_core.checkpoint import atomic_torch_save
     from medsynth_core.distributed import resolve_device
 
     from .diffusion import GaussianDiffusion
     from .infer import DiffAEPrior
     from .train import load_prior
 
+    check_output_path(args.out, folder=False, what="--out")  # before loading anything (issue 18)
     dev = resolve_device(args.device)
     model, cfg = load_prior(args.checkpoint, dev)
     x, _, _ = _load_sax(args.input, args.frame, cfg, n4=cfg.inverse.n4 and not args.no_n4)
@@ -69,7 +72,7 @@ def _encode(args: argparse.Namespace) -> int:
     prior = DiffAEPrior(model, d, args.steps, args.steps, flip_h=cfg.inverse.flip_h)
     xt, z = prior.encode(torch.as_tensor(x, dtype=torch.float32, device=dev))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"x_T": xt.cpu(), "z_sem": z.cpu(), "steps": args.steps}, args.out)
+    atomic_torch_save({"x_T": xt.cpu(), "z_sem": z.cpu(), "steps": args.steps}, args.out)
     print(f"wrote {args.out}: x_T {tuple(xt.shape)}, z_sem {tuple(z.shape)}")
     return 0
 
@@ -98,7 +101,7 @@ def _load_sax(path, frame: int, cfg, n4: bool):
     if n4:
         arr = np.stack([n4_correct(f) for f in arr])
     x = percentile_normalise(arr, cfg.data.percentile, cfg.data.include_zeros_in_percentile)[frame]
-    _check_size(path, x, cfg.model.image_size)
+    _check_size(path, x, cfg.model.image_size, single_frame=arr.shape[0] == 1)
     return x, raw, aff
 
 
@@ -107,8 +110,14 @@ def _check_frame(path, arr, frame) -> None:
         raise UserError(f"{path}: frame {frame} out of range (the file has {arr.shape[0]} frames)")
 
 
-def _check_size(path, x, size) -> None:
+def _check_size(path, x, size, single_frame: bool = False) -> None:
     if x.shape[-2:] != (size, size):
+        if single_frame:  # issue 18: a 3D file (e.g. x, y, time) otherwise reads as a slice-size mismatch
+            raise UserError(
+                f"{path}: a 3D file is read as one frame of {x.shape[0]} slices of {x.shape[-2]}x{x.shape[-1]}, "
+                f"but the model expects {size}x{size} slices; pass the 4D SAX cine (x, y, slice, time) "
+                "or a 3D frame (x, y, slice) cropped/resampled around the heart"
+            )
         raise UserError(
             f"{path}: slices are {x.shape[-2]}x{x.shape[-1]} but the model expects {size}x{size}; "
             "crop/resample around the heart first"
@@ -211,6 +220,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    from medsynth_core.atomic import check_output_path
     from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts, parse_overrides
     from medsynth_core.distributed import resolve_device
     from medsynth_core.io import MedicalImage, write_image
@@ -221,6 +231,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from .infer import EX10, DiffAEPrior, kept_slices, linear_interp_z, output_affine, reconstruct, save_panel
     from .train import load_prior
 
+    check_output_path(args.out, what="--out")  # before loading anything (issue 18)
     dev = resolve_device(args.device)
     model, cfg = load_prior(args.checkpoint, dev)
     merged = config_to_dict(cfg)

@@ -64,10 +64,13 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
+
     from .infer import synthesize_nifti
 
     if args.thickness <= 0 or args.out_step <= 0:
         raise UserError("--thickness and --out-step must be > 0")
+    check_output_path(args.output, folder=False, what="--output")  # before loading anything (issue 18)
     print(
         json.dumps(
             synthesize_nifti(

@@ -47,11 +47,15 @@ def read_lps_array(path: str | Path) -> tuple[np.ndarray, object]:
     import SimpleITK as sitk
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass one NIfTI volume file")
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    from medsynth_core.io import verify_file_complete
+    from medsynth_core.io import read_image
 
-    verify_file_complete(path)  # SimpleITK zero-fills a truncated file silently (issue 18)
+    # SimpleITK zero-fills a truncated file, reads NaN/Inf voxels of a NIfTI as finite numbers and squeezes
+    # extra axes, all silently (issue 18): the core reader checks the file first (completeness, 3D, finite)
+    read_image(path, expect_ndim=3)
     try:
         img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
     except RuntimeError as exc:

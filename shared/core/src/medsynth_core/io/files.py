@@ -135,7 +135,7 @@ def _read_dicom_dir(path: Path) -> MedicalImage:
         raise _err(
             path,
             "folder holds no DICOM series",
-            "point read_image at a folder of DICOM slices (.dcm) or at a single image file",
+            "pass a folder of DICOM slices (.dcm) or a single image file",
         )
     files_per_series = {
         sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), sid) for sid in sorted(series_ids)
@@ -199,7 +199,7 @@ def read_image(
             raise _err(
                 path,
                 f"image has shape {image.array.shape} ({image.array.ndim}D) but {want} was expected",
-                "pass the right file or adjust expect_ndim",
+                "pass a file of that dimensionality (for example one volume, not a time series or a single slice)",
             )
     if dtype is not None and image.array.dtype != np.dtype(dtype):
         image.array = image.array.astype(dtype)
@@ -209,7 +209,7 @@ def read_image(
             raise _err(
                 path,
                 f"image contains {bad} NaN/Inf voxel(s) out of {image.array.size}",
-                "clean the file (e.g. replace them with np.nan_to_num and re-save) or pass check_finite=False",
+                "clean the file (e.g. replace them with numpy.nan_to_num and re-save it)",
             )
     return image
 
