@@ -172,7 +172,9 @@ def test_bench_cases():
 # the demo end to end (train, resume, recovery, augmentation, files) is tests/test_learns.py
 
 
-@pytest.mark.parametrize("verb", ["train", "augment", "evaluate", "demo", "summary", "convert-official"])
+@pytest.mark.parametrize(
+    "verb", ["train", "augment", "evaluate", "downstream", "demo", "summary", "convert-official"]
+)
 def test_every_verb_has_help(verb, capsys):
     with pytest.raises(SystemExit) as info:
         main([verb, "--help"])

@@ -18,6 +18,9 @@ import json
 import pytest
 
 from drdm.demo import HELDOUT_CASES, LEVELS, MARGINS, demo_config, rescore_augment, rescore_fields, run_demo
+from drdm.downstream import SegSettings, run_downstream
+from drdm.train import load_network
+from medsynth_core.checkpoint import CheckpointManager
 from medsynth_core.heldout import rescore
 
 NOT_MET = (
@@ -33,6 +36,46 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("drdm_demo")
     res = run_demo(out)
     return out, res, json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def downstream(demo):
+    """Issue 13's Table 2 protocol in small with the model the demo just trained (no second training):
+    MONAI U-Net on k in {2, 5} labelled phantoms, arms no_aug / bigaug / drdm, seeds 0-2, 300 steps each
+    (``drdm downstream``'s defaults), scored on 16 held-out phantoms. About 3.5 minutes on one thread."""
+    out = demo[0]
+    net, cfg = load_network(CheckpointManager(out / "runs" / "drdm" / "demo" / "checkpoints").latest())
+    st = SegSettings()
+    res = run_downstream(net, cfg, out / "downstream", st)
+    return out / "downstream", st, res
+
+
+def test_downstream_drdm_beats_no_augmentation(downstream):
+    """Issue 13: the U-Net trained with DRDM augmentation scores a mean Dice >= no augmentation + 0.02 at
+    k = 2 (mean over 3 seeds on the held-out phantoms); every arm is reported."""
+    _, st, res = downstream
+    s = res["summary"]
+    report = {
+        arm: {k: (round(v["dsc_mean"]["mean"], 3), round(v["dsc_mean"]["std"], 3)) for k, v in per_k.items()}
+        for arm, per_k in s.items()
+    }
+    print("downstream mean Dice (mean, std over seeds):", report)
+    assert s["drdm"]["2"]["dsc_mean"]["mean"] >= s["no_aug"]["2"]["dsc_mean"]["mean"] + 0.02, report
+
+
+def test_downstream_files_and_protocol(downstream):
+    out, st, res = downstream
+    m = json.loads((out / "downstream.json").read_text())
+    assert set(m["summary"]) == {"no_aug", "bigaug", "drdm"} and m["n_test"] == st.n_test
+    for per_k in m["summary"].values():
+        assert set(per_k) == {"2", "5"}
+        for blk in per_k.values():
+            assert len(blk["dsc_mean"]["per_seed"]) == 3
+            for key in ("dsc", "sensitivity", "precision"):
+                assert all(f"{key}_{c}" in blk for c in (1, 2, 3))
+    assert (out / "cases.csv").stat().st_size > 0 and (out / "figure.png").stat().st_size > 1000
+    assert len(res["rows"]) == 3 * 2 * 3 * st.n_test
+    assert m["seconds"] < 5 * 60  # the test's extra time (issue 13: about 4 minutes)
 
 
 @pytest.mark.xfail(strict=True, reason=NOT_MET)

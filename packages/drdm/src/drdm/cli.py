@@ -1,4 +1,4 @@
-"""Command line: ``drdm VERB`` (train, augment, evaluate, demo, summary, convert-official)."""
+"""Command line: ``drdm VERB`` (train, augment, evaluate, downstream, demo, summary, convert-official)."""
 
 from __future__ import annotations
 
@@ -191,6 +191,84 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(value: str, flag: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise UserError(f"{flag} must be comma-separated integers, got {value!r}") from exc
+    if not out:
+        raise UserError(f"{flag} is empty")
+    return out
+
+
+def _downstream_args(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, required=False)
+    p.add_argument("--checkpoint", default=None, help="DRDM checkpoint for the drdm arm (ours or converted)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="output folder: downstream.json, cases.csv, figure.png")
+    p.add_argument(
+        "--images", default=None, help="training image folder (default: phantoms of the demo family)"
+    )
+    p.add_argument("--labels", default=None, help="training label folder (<stem> or <stem>_gt)")
+    p.add_argument("--test-images", default=None, help="held-out image folder (needed with --images)")
+    p.add_argument("--test-labels", default=None, help="held-out label folder")
+    p.add_argument("--k", default="2,5", help="labelled subjects per run (comma-separated)")
+    p.add_argument("--seeds", default="0,1,2", help="runs per arm and k (comma-separated seeds)")
+    p.add_argument("--arms", default="no_aug,bigaug,drdm", help="arms: no_aug, bigaug, drdm")
+    p.add_argument("--steps", type=int, default=None, help="U-Net Adam steps per run (default 300)")
+    p.add_argument("--copies", type=int, default=None, help="DRDM samples per training image (default 8)")
+    p.add_argument("--n-test", type=int, default=None, help="held-out phantoms (phantom data only)")
+
+
+def _downstream(args: argparse.Namespace) -> int:
+    from medsynth_core.atomic import check_output_path
+
+    from .downstream import ARMS, folder_data, run_downstream, settings_from
+
+    check_output_path(args.out, what="--out")
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    bad = [a for a in arms if a not in ARMS]
+    if bad or not arms:
+        raise UserError(f"--arms: unknown arm(s) {bad or args.arms!r}; choose from {', '.join(ARMS)}")
+    st = settings_from(
+        ks=_int_list(args.k, "--k"),
+        seeds=_int_list(args.seeds, "--seeds"),
+        arms=arms,
+        steps=args.steps,
+        copies=args.copies,
+        n_test=args.n_test,
+    )
+    if args.checkpoint is not None:
+        net, cfg = _net_and_cfg(args)
+        net = net.to(args.device)
+    elif "drdm" in arms:
+        raise UserError("the drdm arm needs --checkpoint (or leave it out: --arms no_aug,bigaug)")
+    else:
+        from .config import load
+
+        net, cfg = None, load(args.config or "demo", args.overrides)
+    train_pool = test = None
+    if args.images or args.test_images:
+        if not (args.images and args.labels and args.test_images and args.test_labels):
+            raise UserError("folder data needs --images, --labels, --test-images and --test-labels")
+        s, nd = cfg.diffusion.img_size, cfg.model.ndims
+        try:
+            train_pool = folder_data(args.images, args.labels, s, nd)
+            test = folder_data(args.test_images, args.test_labels, s, nd)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        n_sub = len(set(train_pool.groups))
+        if max(st.ks) > n_sub:
+            raise UserError(f"--k {args.k}: --images {args.images} holds only {n_sub} subject(s)")
+    res = run_downstream(net, cfg, args.out, st, train_pool, test)
+    brief = {
+        arm: {k: round(v["dsc_mean"]["mean"], 4) for k, v in per_k.items()}
+        for arm, per_k in res["summary"].items()
+    }
+    print(json.dumps({"dsc_mean": brief, "out": args.out, "seconds": round(res["seconds"], 1)}, indent=2))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -270,6 +348,12 @@ VERBS = [
         _augment_args,
     ),
     Verb("evaluate", "compute the paper's metrics and write JSON/CSV", _evaluate, _evaluate_args),
+    Verb(
+        "downstream",
+        "paper Table 2 in small: U-Net on k labelled subjects without / BigAug / DRDM augmentation",
+        _downstream,
+        _downstream_args,
+    ),
     Verb(
         "demo",
         "train briefly on the embedded phantom, resume once, infer, evaluate",
