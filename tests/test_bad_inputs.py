@@ -117,3 +117,45 @@ def test_bad_checkpoint(module, case, checkpoints, tmp_path, capsys):
     rc = importlib.import_module(f"{module}.cli").main(_argv(module, ckpt, image, out))
     prog, verb = PACKAGES[module]
     _check(capsys, rc, prog, verb, ckpt.name, out)
+
+
+# the train verbs: every bad config value exits 2 with one line naming the key, before any run folder exists.
+# Keys differ per package until one vocabulary lands (issue 17): (prog, verb, run-root key, steps, batch, lr)
+TRAIN = {
+    "fda_vae": ("fda-vae", ["train"], "out_root", "train.max_steps", "train.batch_size", "train.lr_g"),
+    "drdm": ("drdm", ["train"], "out_dir", "train.steps", "train.batchsize", "train.lr"),
+    "mgdcr": ("mgdcr", ["train"], "run_root", "train.steps", "train.batch_size", "train.lr"),
+    "uni_coal": ("uni-coal", ["train"], "run_root", "train.max_steps", "train.batch_size", "optim.lr_g"),
+    "meddiffusion3d": ("meddiffusion3d", ["train-ae", "--stage", "1"], "run.root", "ae.stage1.steps",
+                       "ae.stage1.batch", "ae.stage1.lr"),
+}  # fmt: skip
+TRAIN_CASES = {  # case: (override builder, what the message must name)
+    "unknown_key": (lambda s, b, lr: "train.nonsense=1", "train.nonsense"),
+    "negative_steps": (lambda s, b, lr: f"{s}=-3", None),
+    "zero_batch": (lambda s, b, lr: f"{b}=0", None),
+    "negative_lr": (lambda s, b, lr: f"{lr}=-1", None),
+    "nan_lr": (lambda s, b, lr: f"{lr}=.nan", None),
+    "inf_lr": (lambda s, b, lr: f"{lr}=.inf", None),
+    "text_steps": (lambda s, b, lr: f"{s}=abc", None),
+    "folder_with_phantoms": (lambda s, b, lr: "data.root=/data/my_images", "data.root"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_CASES))
+@pytest.mark.parametrize("module", sorted(TRAIN))
+def test_bad_train_config(module, case, tmp_path, capsys):
+    prog, verb, root, steps, batch, lr = TRAIN[module]
+    if module == "uni_coal" and case == "folder_with_phantoms":
+        pytest.skip("uni-coal's data.root has a non-empty default (data/ixi_h5): a given folder is not told apart")
+    build, names = TRAIN_CASES[case]
+    override = build(steps, batch, lr)
+    names = names or override.split("=")[0]
+    out = tmp_path / "runs"
+    cfg = REPO / "packages" / prog / "configs" / "demo.yaml"
+    rc = importlib.import_module(f"{module}.cli").main([*verb, "--config", str(cfg), f"{root}={out}", override])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog} {verb[0]}: error: "), err
+    assert names.split(".")[-1] in lines[0] and "Traceback" not in err, err
+    assert not out.exists()

@@ -87,6 +87,9 @@ def test_unknown_override_key():
         ("amp=maybe", "true/false"),
         ("optim.lr=-1", "'lr' must be > 0"),
         ("model=3", "mapping"),
+        ("optim.lr=.nan", "'optim.lr' expects a finite number"),  # NaN passes `lr > 0`-style checks as False
+        ("optim.lr=.inf", "'optim.lr' expects a finite number"),  # and Inf passes them as True
+        ("optim.betas=[0.5,.inf]", "finite number"),
     ],
 )
 def test_bad_values_are_reported(override, fragment):
@@ -131,3 +134,40 @@ def test_bundled_configs_wheel_and_checkout_layouts(tmp_path):
     assert bundled_configs(wheel / "demo.py") == wheel / "configs"
     with pytest.raises(ConfigError, match="no configs folder"):
         bundled_configs(tmp_path / "a" / "b" / "c" / "x.py")
+
+
+@dataclass
+class PhantomData:
+    source: Literal["phantom", "folder"] = "phantom"
+    root: str = ""
+
+
+@dataclass
+class SyntheticData:
+    synthetic: bool = True
+    root: str | None = None
+
+
+@dataclass
+class DefaultRootData:  # a root with a non-empty default cannot tell a user's folder from the default
+    source: Literal["phantom", "h5"] = "phantom"
+    root: str = "data/h5"
+
+
+@dataclass
+class DataCfg:
+    data: PhantomData = field(default_factory=PhantomData)
+    syn: SyntheticData = field(default_factory=SyntheticData)
+    other: DefaultRootData = field(default_factory=DefaultRootData)
+
+
+def test_folder_given_to_a_phantom_source_is_refused():
+    """Issue 18: `data.root=/my/images` on a demo config (source: phantom) trained on phantoms silently."""
+    with pytest.raises(ConfigError, match=r"'data.root' is set \(/x\) but 'data.source' is phantom.*data.source=folder"):
+        load_config(DataCfg, None, ["data.root=/x"])
+    with pytest.raises(ConfigError, match="'syn.synthetic' is true.*syn.synthetic=false"):
+        load_config(DataCfg, None, ["syn.root=/x"])
+    ok = load_config(DataCfg, None, ["data.root=/x", "data.source=folder", "syn.root=/x", "syn.synthetic=false"])
+    assert (ok.data.source, ok.data.root, ok.syn.synthetic) == ("folder", "/x", False)
+    assert load_config(DataCfg, None, ["other.root=/x"]).other.root == "/x"  # default non-empty: not judged
+    assert load_config(DataCfg, None, []).data.root == ""

@@ -169,7 +169,8 @@ class TrainConfig:
             self.amp in ("off", "bf16", "fp16"), "train.amp", f"must be off, bf16 or fp16, got {self.amp!r}"
         )
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        require(self.lr_g > 0 and self.lr_d > 0, "train.lr", "must be > 0")
+        require(self.lr_g > 0, "train.lr_g", "must be > 0")
+        require(self.lr_d > 0, "train.lr_d", "must be > 0")
         require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decides the run length)")
         require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")
         require(self.lr_decay_steps >= 0, "train.lr_decay_steps", "must be >= 0 (0: the run's total steps)")

@@ -116,6 +116,15 @@ class OptimConfig:
     n_epochs_decay: int = 50
     ema_half_life_images: float = 10_000.0
 
+    def __post_init__(self) -> None:  # issue 18: a negative lr reached torch.optim.Adam as a traceback
+        require(self.lr_g > 0, "optim.lr_g", "must be > 0")
+        require(self.lr_d > 0, "optim.lr_d", "must be > 0")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", "must be in [0, 1)")
+        require(self.eps > 0, "optim.eps", "must be > 0")
+        require(self.n_epochs >= 0, "optim.n_epochs", "must be >= 0")
+        require(self.n_epochs_decay >= 0, "optim.n_epochs_decay", "must be >= 0")
+        require(self.ema_half_life_images > 0, "optim.ema_half_life_images", "must be > 0")
+
 
 @dataclass
 class DataConfig:

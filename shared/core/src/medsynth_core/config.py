@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -118,14 +119,19 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise fail("a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise fail("a number")
+        if number is None:
+            raise fail("a number")
+        if not math.isfinite(number):  # NaN/Inf pass every `x > 0` style check downstream (issue 18)
+            raise fail("a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -161,12 +167,35 @@ def _from_mapping(cls: type[T], data: Mapping[str, Any], prefix: str, source: st
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{source}: required key '{prefix + '.' if prefix else ''}{name}' is missing")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
         where = f" in section '{prefix}'" if prefix else ""
         raise ConfigError(f"{source}: invalid value{where}: {exc}") from exc
+    _check_data_source(obj, prefix, source)
+    return obj
+
+
+def _check_data_source(section: Any, prefix: str, source: str) -> None:
+    """A data section whose ``root`` (empty by default) is set while ``source: phantom`` (or ``synthetic:
+    true``) says to train on phantoms: the folder would be ignored without a word (issue 18); refuse it."""
+    root_field = next((f for f in dataclasses.fields(section) if f.name == "root"), None)
+    if root_field is None or root_field.default or not getattr(section, "root", None):
+        return
+    dot = f"{prefix}." if prefix else ""
+    if getattr(section, "source", None) == "phantom":
+        hints = typing.get_type_hints(type(section))
+        others = [a for a in typing.get_args(hints.get("source")) if a != "phantom"]
+        switch, fix = "source' is phantom", f"pass {dot}source={others[0] if others else '...'} to train on it"
+    elif getattr(section, "synthetic", None) is True:
+        switch, fix = "synthetic' is true", f"pass {dot}synthetic=false to train on it"
+    else:
+        return
+    raise ConfigError(
+        f"{source}: '{dot}root' is set ({section.root}) but '{dot}{switch}, so the folder would be ignored and "
+        f"training would run on phantoms; {fix}, or drop {dot}root"
+    )
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any] | None, source: str = "config") -> T:
