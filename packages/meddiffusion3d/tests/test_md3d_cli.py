@@ -123,9 +123,8 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
     assert (tmp_path / "dec" / "case.png").is_file()
     assert main(["evaluate", "--checkpoint", str(ck), "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert (
-        ev["reconstruction"]["n"] == 4
-    )  # the 4 training phantoms and np.isfinite(ev["reconstruction"]["psnr_mean"])
+    # the 4 training phantoms, each scored
+    assert ev["reconstruction"]["n"] == 4 and np.isfinite(ev["reconstruction"]["psnr_mean"])
     assert (tmp_path / "ev" / "per_case.csv").read_text().startswith("case,psnr,ssim,mae")
     # a foreign file is refused with a clear message
     torch.save({"x": 1}, tmp_path / "foreign.pt")
@@ -268,7 +267,8 @@ def test_generation_metrics_checklist_13():
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 8, generator=g)
     assert abs(fid(a, a)) < 1e-6 and fid(a, a + 0.5) > 1.0
-    assert abs(mmd(a, a)) < 1e-9 and mmd(a, a + 2.0) > 0.1
+    # unbiased torch_two_sample MMD: MMD(A, A) is ~0 (the cross term keeps its diagonal, so slightly < 0)
+    assert -0.05 < mmd(a, a) < 0 and mmd(a, a + 2.0) > 0.5
     v = torch.rand(1, 1, 40, 40, 40, generator=g) * 2 - 1
     smooth = torch.nn.functional.avg_pool3d(v, 5, 1, 2)
     assert pairwise_ms_ssim(torch.cat([smooth, smooth])) == pytest.approx(1.0, abs=1e-5)
