@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -128,12 +129,42 @@ def test_ddim_eta0_deterministic_and_eta_matters(net):
 
 
 def test_ddim_eta1_full_steps_equals_ddpm():
-    """With eta = 1 and every timestep, DDIM is the ancestral sampler (σ² = β̃): checks the σ fix of spec §6.8."""
-    d = GaussianDiffusion(50)
+    """With eta = 1 and every timestep, DDIM is the ancestral sampler (σ² = β̃): checks the σ fix of spec §6.8.
+    DDPM's posterior mean uses x_t itself, i.e. the ε of the clipped x̂₀, so with clipping the equality needs
+    ``ddim_recompute_eps``; without clipping the network's ε (official default) is that ε."""
     z = torch.randn(3, 2, 4, 4, 4)
-    a = d.sample_ddpm(_toy_eps, z, generator=torch.Generator().manual_seed(5))
-    b = d.sample_ddim(_toy_eps, z, 50, eta=1.0, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for d in (GaussianDiffusion(50, ddim_recompute_eps=True), GaussianDiffusion(50, clip_denoised=False)):
+        a = d.sample_ddpm(_toy_eps, z, generator=torch.Generator().manual_seed(5))
+        b = d.sample_ddim(_toy_eps, z, 50, eta=1.0, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_eps_official_by_default_recomputed_by_flag():
+    """Official ``p_sample_ddim``: x_prev = √ᾱ_prev·clip(x̂₀) + √(1−ᾱ_prev)·ε_net. The flag replaces ε_net by
+    (x_t − √ᾱ_t·clip(x̂₀))/√(1−ᾱ_t). Both agree when clipping does not bite."""
+    x = torch.full((2, 1, 4, 4, 4), 3.0)  # x̂₀ = (x − √(1−ᾱ)·0.3x)/√ᾱ far outside [-1, 1]
+    t, tp = 60, 30
+    ac = GaussianDiffusion(100).alphas_cumprod.double()
+    a_t, a_p = float(ac[t]), float(ac[tp])
+    eps = _toy_eps(x, torch.full((2,), t))
+    x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp(-1, 1)
+    official = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * eps
+    recomputed = math.sqrt(a_p) * x0 + math.sqrt(1 - a_p) * (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+    out_default = GaussianDiffusion(100).ddim_step(_toy_eps, x, t, tp)
+    out_flag = GaussianDiffusion(100, ddim_recompute_eps=True).ddim_step(_toy_eps, x, t, tp)
+    torch.testing.assert_close(out_default, official, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_flag, recomputed, rtol=1e-5, atol=1e-5)
+    assert (out_default - out_flag).abs().max() > 0.1
+    small = torch.randn(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 0.1
+    torch.testing.assert_close(
+        GaussianDiffusion(100).ddim_step(_toy_eps, small, 5, 2),
+        GaussianDiffusion(100, ddim_recompute_eps=True).ddim_step(_toy_eps, small, 5, 2),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    from meddiffusion3d.config import Config, build_diffusion
+
+    assert build_diffusion(Config()).ddim_recompute_eps is False
 
 
 def test_ddim_last_step_returns_x0_prediction():

@@ -166,6 +166,9 @@ class DiffusionConfig:
     sample_steps: int = 100  # DDIM steps
     eta: float = 0.0  # DDIM eta
     clip_denoised: bool = True  # clamp x̂₀ to [-1, 1]
+    # DDIM direction term: false = the network's ε (official p_sample_ddim); true = ε recomputed from the
+    # clipped x̂₀, so that x̂₀ and ε agree when clipping bites
+    ddim_recompute_eps: bool = False
     guidance_scale: float = 1.0  # classifier-free guidance (needs biflownet.null_class; 1 = off)
     cond_drop_prob: float = 0.0  # class dropout during training (needs biflownet.null_class)
     ema: float = 0.995  # model EMA decay
@@ -288,4 +291,5 @@ def build_diffusion(cfg: Config):
         clip_denoised=d.clip_denoised,
         cond_drop_prob=d.cond_drop_prob,
         null_class=cfg.biflownet.classes if cfg.biflownet.null_class else None,
+        ddim_recompute_eps=d.ddim_recompute_eps,
     )

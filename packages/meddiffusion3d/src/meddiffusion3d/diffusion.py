@@ -61,6 +61,8 @@ class GaussianDiffusion(nn.Module):
             formula). clip_denoised: clamp x̂₀ to [-1, 1] while sampling (official). cond_drop_prob: probability of
             replacing the class by ``null_class`` during training (classifier-free guidance; 0 = off, official).
         null_class: the class index meaning "no class" (``BiFlowNet(null_class=True)`` reserves index ``classes``).
+        ddim_recompute_eps: DDIM direction term from the network's ε (False, official ``p_sample_ddim``) or
+            from ε recomputed to agree with the clipped x̂₀, ``(x_t − √ᾱ_t x̂₀)/√(1−ᾱ_t)`` (True).
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class GaussianDiffusion(nn.Module):
         clip_denoised: bool = True,
         cond_drop_prob: float = 0.0,
         null_class: int | None = None,
+        ddim_recompute_eps: bool = False,
     ):
         super().__init__()
         if schedule != "cosine":
@@ -86,6 +89,7 @@ class GaussianDiffusion(nn.Module):
         self.clip_denoised = clip_denoised
         self.cond_drop_prob = float(cond_drop_prob)
         self.null_class = null_class
+        self.ddim_recompute_eps = bool(ddim_recompute_eps)
 
         betas = cosine_beta_schedule(timesteps)
         alphas = 1.0 - betas
@@ -265,7 +269,8 @@ class GaussianDiffusion(nn.Module):
         generator: Generator = None,
     ) -> torch.Tensor:
         """x_t → x_{t_prev} (Song et al. eq. 12). Fixes spec §6 item 8: ᾱ broadcast over 5-D batches, σ taken out
-        of the direction term, ᾱ_prev = 1 after the last step (t_prev = −1)."""
+        of the direction term, ᾱ_prev = 1 after the last step (t_prev = −1). The direction uses the network's ε
+        as officially, or, with ``ddim_recompute_eps``, the ε of the clipped x̂₀."""
         b = x.shape[0]
         tt = torch.full((b,), t, device=x.device, dtype=torch.long)
         eps = self.model_eps(denoise_fn, x, tt, y, res, hint, guidance_scale)
@@ -273,7 +278,7 @@ class GaussianDiffusion(nn.Module):
         ac = self.alphas_cumprod.to(torch.float64)
         a_t = float(ac[t])
         a_prev = float(ac[t_prev]) if t_prev >= 0 else 1.0
-        if self.clip_denoised:  # ε consistent with the clipped x̂₀
+        if self.ddim_recompute_eps and self.clip_denoised:  # flag: ε consistent with the clipped x̂₀
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
         sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t)) * math.sqrt(max(1.0 - a_t / a_prev, 0.0))
         dir_coef = math.sqrt(max(1.0 - a_prev - sigma**2, 0.0))
