@@ -34,12 +34,17 @@ def _load_cfg(args: argparse.Namespace):
 
 # ------------------------------------------------------------------------------------------------ train
 def _train(args: argparse.Namespace) -> int:
+    from medsynth_core.cli import preempted_exit
+
     from .train import train, train_latent
 
     cfg = _load_cfg(args)
-    run = (train_latent if cfg.latent.enabled else train)(cfg, resume=args.resume)
-    print(f"run directory: {run}")
-    return 0
+    if cfg.latent.enabled:
+        print(f"run directory: {train_latent(cfg, resume=args.resume)}")
+        return 0
+    report: dict = {}
+    print(f"run directory: {train(cfg, resume=args.resume, report=report)}")
+    return preempted_exit(PROG, report)
 
 
 # ------------------------------------------------------------------------------------------------ encode

@@ -97,9 +97,13 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def train(cfg: Config, resume: str | Path | None = None, until: int | None = None) -> Path:
+def train(
+    cfg: Config, resume: str | Path | None = None, until: int | None = None, report: dict | None = None
+) -> Path:
     """Run (or continue) training; returns the run directory. ``until`` stops (and checkpoints) after that
-    many steps of the ``train.steps`` run, keeping its lr schedule, so a later call resumes it exactly."""
+    many steps of the ``train.steps`` run, keeping its lr schedule, so a later call resumes it exactly.
+    SIGTERM (cluster preemption) checkpoints the step in progress and leaves on every rank; ``report``
+    (when given) receives ``start``, ``step`` and ``preempted`` (the signal's name, or None)."""
     with D.distributed_session(cfg.device) as info:
         D.seed_everything(cfg.seed)
         run = T.RunDir.create(cfg.run_root, KIND, cfg.name)
@@ -144,7 +148,8 @@ def train(cfg: Config, resume: str | Path | None = None, until: int | None = Non
                     name=name,
                 )
 
-        with T.RunLogger(run) as logger:
+        start, preempted = step, None
+        with T.RunLogger(run, resume_step=step) as logger, T.PreemptionGuard() as stop:
             model.train()
             end = cfg.train.steps if until is None else max(step, min(int(until), cfg.train.steps))
             for s, x in T.progress(
@@ -186,9 +191,17 @@ def train(cfg: Config, resume: str | Path | None = None, until: int | None = Non
                         best = v
                         save(done, name="best.pt")
                         best_file.write_text(json.dumps({"step": done, "val_psnr": v}))
-                if T.due(done, cfg.train.ckpt_every, cfg.train.steps) or done == end:
+                saved = T.due(done, cfg.train.ckpt_every, cfg.train.steps) or done == end
+                if saved:
                     save(done)
+                if stop.should_stop():  # SIGTERM: checkpoint this step, leave on every rank (issue 18)
+                    if not saved:
+                        save(done)
+                    preempted, end = stop.signal_name, done
+                    break
         D.barrier()
+    if report is not None:
+        report.update(start=int(start), step=int(end), preempted=preempted)
     return run.path
 
 
