@@ -16,17 +16,19 @@ from medsynth_core.phantoms import labelled_anatomy
 
 
 def test_lr_schedule_values():
-    const = load("paper", ["data.source=phantom"]).train
+    const = load("paper", ["data.source=phantom", "data.root="]).train
     assert const.lr_schedule == "constant" and const.warmup_steps == 0
     assert {lr_at(const, s) for s in (0, 10, const.steps - 1)} == {const.lr}
-    c = load("paper", ["data.source=phantom", "train.lr_schedule=cosine", "train.warmup_steps=10"]).train
+    c = load(
+        "paper", ["data.source=phantom", "data.root=", "train.lr_schedule=cosine", "train.warmup_steps=10"]
+    ).train
     assert lr_at(c, 0) == pytest.approx(c.lr / 10) and lr_at(c, 9) == pytest.approx(c.lr)
     assert lr_at(c, 10) == pytest.approx(c.lr)
     mid = 10 + (c.steps - 10) // 2
     assert lr_at(c, mid) == pytest.approx(c.lr / 2, rel=1e-2)
     assert lr_at(c, c.steps - 1) < 0.001 * c.lr
     with pytest.raises(Exception, match="train.lr_schedule"):
-        load("paper", ["data.source=phantom", "train.lr_schedule=step"])
+        load("paper", ["data.source=phantom", "data.root=", "train.lr_schedule=step"])
 
 
 def _cfg(tmp_path, name, *extra):
@@ -56,7 +58,9 @@ def test_cosine_schedule_changes_training_and_resumes_exactly(tmp_path):
 
 
 def test_phantom_texture_flag():
-    assert load("paper", ["data.source=phantom"]).data.phantom_texture == 0.0  # spec default: flat tissue
+    assert (
+        load("paper", ["data.source=phantom", "data.root="]).data.phantom_texture == 0.0
+    )  # spec default: flat tissue
     assert load("demo").data.phantom_texture == 0.3  # the demo recipe (README)
     flat = load("demo", ["data.phantom_count=3", "data.phantom_texture=0"])
     ds = build_dataset(flat)
