@@ -71,6 +71,9 @@ class TrainConfig:
     val_steps: int = 0
     fp16: bool = False  # fork's "16-mixed" runs the maths in fp32 (autocast off in training_step)
     num_workers: int = 0
+    # issue 18 (not in the fork): draw each sample's level t and noise from a generator keyed by (seed, step,
+    # its position in the global batch), so N ranks and one process at the same global batch agree
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")

@@ -97,6 +97,17 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * warm * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def _keyed_draws(x: torch.Tensor, step: int, seed: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``train.deterministic``: the level and the noise of each sample from a generator keyed by (seed,
+    step, its position in the global batch), independent of how the global batch is split over ranks."""
+    ts, noises = [], []
+    for pos in T.global_positions(x.shape[0]):
+        with T.keyed_rng(seed, step, pos):
+            ts.append(torch.randint(0, levels, (1,)))
+            noises.append(torch.randn((1, *x.shape[1:]), dtype=x.dtype))
+    return torch.cat(ts).to(x.device), torch.cat(noises).to(x.device)
+
+
 def train(
     cfg: Config, resume: str | Path | None = None, until: int | None = None, report: dict | None = None
 ) -> Path:
@@ -160,8 +171,11 @@ def train(
                     group["lr"] = learning_rate(s, cfg.train)
                 if not torch.isfinite(x).all():
                     raise ValueError(f"non-finite training batch at step {s}")
-                t = torch.randint(0, diffusion.T, (x.shape[0],), device=info.device)
-                noise = torch.randn_like(x)
+                if cfg.train.deterministic:
+                    t, noise = _keyed_draws(x, s, cfg.seed, diffusion.T)
+                else:
+                    t = torch.randint(0, diffusion.T, (x.shape[0],), device=info.device)
+                    noise = torch.randn_like(x)
                 with T.autocast(info.device, enabled=cfg.train.fp16):
                     loss = diffusion.loss(net, x, t, noise)
                 opt.zero_grad(set_to_none=True)
