@@ -152,3 +152,26 @@ def test_stage2_without_fix_reproduces_official_drift():
     with torch.no_grad():
         ae(torch.randn(1, 1, 32, 32, 16), patch=16)
     assert not torch.equal(emb, ae.codebook.embeddings)  # EMA/restarts move the "frozen" codebook
+
+
+def test_no_import_cycle_between_autoencoder_and_encode():
+    """encode.py names PatchVolumeAE for annotations only; autoencoder.py imports encode.py (one direction)."""
+    import ast
+    import importlib.util
+
+    def runtime_imports(mod: str) -> set:
+        tree = ast.parse(open(importlib.util.find_spec(f"meddiffusion3d.{mod}").origin).read())
+        skip = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+            for n in ast.walk(node)
+        }
+        return {
+            n.module
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.level == 1 and id(n) not in skip
+        }
+
+    assert "autoencoder" not in runtime_imports("encode")
+    assert "encode" in runtime_imports("autoencoder")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .encode import patch_encode as _patch_encode
 from .quantizer import Codebook
 
 
@@ -355,9 +356,7 @@ class PatchVolumeAE(nn.Module):
     def patch_encode(
         self, x: torch.Tensor, quantize: bool = False, patch_size: int = 64, chunk: int | None = None
     ) -> torch.Tensor:
-        from .encode import patch_encode
-
-        return patch_encode(self, x, patch=patch_size, quantize=quantize, chunk=chunk)
+        return _patch_encode(self, x, patch=patch_size, quantize=quantize, chunk=chunk)
 
     def forward(
         self, x: torch.Tensor, patch: int | None = None

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .autoencoder import PatchVolumeAE
+if TYPE_CHECKING:  # annotations only: autoencoder.py imports this module, never the other way at run time
+    from .autoencoder import PatchVolumeAE
 
 
 def patch_grid(shape: tuple[int, ...], patch: int) -> tuple[int, int, int]:
