@@ -124,6 +124,6 @@ def test_official_stage2_config_maps_to_stage2_section():
     }
     cfg = config_from_official_to_config(s2)
     assert cfg.ae.stage2.lr == 3e-5 and cfg.ae.stage2.batch == 1 and cfg.ae.stage2.disc_start == 0
-    assert cfg.ae.downsample == 8 and cfg.ae.random_restart and not cfg.ae.stage2.amp
+    assert cfg.ae.downsample == 8 and cfg.ae.random_restart and cfg.ae.stage2.amp == "off"
     with pytest.raises(UserError, match="anisotropic"):
         config_from_official_to_config({"model": {"downsample": [4, 4, 8]}})

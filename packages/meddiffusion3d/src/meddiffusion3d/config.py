@@ -13,6 +13,16 @@ from typing import Literal
 from medsynth_core.config import require
 
 
+def _amp(value, when_true: str, key: str) -> str:
+    from .precision import amp_mode
+
+    try:
+        return amp_mode(value, when_true)
+    except ValueError as exc:
+        require(False, key, str(exc))
+        raise
+
+
 @dataclass
 class StageConfig:
     steps: int = 1_000_000  # optimiser steps (Lightning global_step; spec §1.3 max_steps 1e6)
@@ -23,9 +33,11 @@ class StageConfig:
     ckpt_every: int = 3000
     log_every: int = 50
     image_every: int = 1000
-    amp: bool = False  # bf16 autocast on CUDA (paper 4×); no-op on CPU
+    # off | bf16 | fp16 (fp16 with GradScalers); official: bf16-mixed for 4×, fp32 for 8×; fp32 on CPU always
+    amp: Literal["off", "bf16", "fp16"] | bool = "off"
 
     def __post_init__(self) -> None:
+        self.amp = _amp(self.amp, "bf16", "amp")
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch > 0, "batch", "must be > 0")
         require(self.lr > 0, "lr", "must be > 0")
@@ -191,13 +203,15 @@ class TrainConfig:
     steps: int = 1_000_000
     batch: int = 16  # latents per process
     lr: float = 1e-4  # Adam, default betas, constant
-    amp: bool = True  # fp16/bf16 autocast + GradScaler on CUDA; no-op on CPU
+    # off | bf16 | fp16; official: fp16 autocast + GradScaler (train_BiFlowNet_SingleRes.py); fp32 on CPU always
+    amp: Literal["off", "bf16", "fp16"] | bool = "fp16"
     ckpt_every: int = 500
     log_every: int = 100
     threads: int = 0  # torch CPU threads (0: run.threads)
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        self.amp = _amp(self.amp, "fp16", "amp")
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch > 0, "batch", "must be > 0")
         require(self.lr > 0, "lr", "must be > 0")

@@ -91,7 +91,8 @@ def config_from_official(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if "max_steps" in model:
         st["steps"] = int(model["max_steps"])
     if "precision" in model:
-        st["amp"] = str(model["precision"]).startswith("bf16") or str(model["precision"]) == "16"
+        prec = str(model["precision"])
+        st["amp"] = "bf16" if prec.startswith("bf16") else "fp16" if prec.startswith("16") else "off"
     ae[f"stage{stage}"] = st
     out: dict[str, Any] = {"ae": ae}
     if "patch_size" in dataset:

@@ -22,6 +22,7 @@ from medsynth_core import training as T
 from medsynth_core.cli import UserError
 from medsynth_core.config import config_to_dict
 
+from . import precision as P
 from .biflownet import CLASS_NAMES, resolution_code
 from .config import Config, build_biflownet, build_diffusion
 from .diffusion import ModelEMA
@@ -168,7 +169,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         diff = build_diffusion(cfg).to(device)
         ema = ModelEMA(model, decay=dc.ema, update_every=dc.ema_every, start_step=dc.ema_start)
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
-        scaler = T.grad_scaler(device, tc.amp)
+        scaler = P.grad_scaler(device, tc.amp)
         run = run_dir(cfg)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
         start, _ = mgr.resume(
@@ -213,7 +214,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 g = step_generator(cfg.run.seed, step, info.rank, device)
                 opt.zero_grad(set_to_none=True)
-                with T.autocast(device, tc.amp):
+                with P.autocast(device, tc.amp):
                     loss = diff.training_loss(
                         ddp, z, y=y, res=resolution_code(z.shape[2:], z.shape[0], device=device), generator=g
                     )

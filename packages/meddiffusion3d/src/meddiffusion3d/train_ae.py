@@ -19,6 +19,7 @@ from medsynth_core.cli import UserError
 from medsynth_core.config import config_to_dict
 from medsynth_core.viz import save_volume_views
 
+from . import precision as P
 from .config import Config, build_autoencoder, build_discriminator
 from .data import PatchDataset, VolumeSource, WholeVolumeDataset
 from .discriminator import DiscriminatorPair
@@ -89,6 +90,9 @@ def train_ae(
         loss_fn = AELoss(cfg.ae).to(device)
         opt_ae = torch.optim.Adam(ae.trainable_parameters(), lr=sc.lr, betas=tuple(sc.betas))
         opt_d = torch.optim.Adam(disc.parameters(), lr=sc.lr, betas=tuple(sc.betas))
+        # fp16 only (ae.stageN.amp=fp16): one GradScaler per optimiser, not checkpointed (its scale re-warms
+        # after a resume); disabled for off/bf16 and on CPU
+        scaler_ae, scaler_d = P.grad_scaler(device, sc.amp), P.grad_scaler(device, sc.amp)
         start = 0
         if resume_path is not None:
             ck = C.load_checkpoint(resume_path, kind=KIND, map_location=device)
@@ -144,23 +148,25 @@ def train_ae(
                 if not d_step:
                     opt_ae.zero_grad(set_to_none=True)
                     disc.requires_grad_(False)
-                    with T.autocast(device, sc.amp):
+                    with P.autocast(device, sc.amp):
                         x_recon, vq = ae_ddp(x, patch=patch)
                         loss, logs = loss_fn.generator(
                             x, x_recon.float(), vq, disc, step, sc.disc_start, stage
                         )
-                    loss.backward()
+                    scaler_ae.scale(loss).backward()
                     disc.requires_grad_(True)
-                    opt_ae.step()
+                    scaler_ae.step(opt_ae)
+                    scaler_ae.update()
                 else:
                     opt_d.zero_grad(set_to_none=True)
-                    with torch.no_grad(), T.autocast(device, sc.amp):
+                    with torch.no_grad(), P.autocast(device, sc.amp):
                         x_recon, vq = ae(x, patch=patch)  # codebook EMA still runs, as in the official code
-                    with T.autocast(device, sc.amp):
+                    with P.autocast(device, sc.amp):
                         real, fake = pair_ddp(x.detach(), x_recon.detach().float())
                         loss, logs = loss_fn.discriminator(real.float(), fake.float())
-                    loss.backward()
-                    opt_d.step()
+                    scaler_d.scale(loss).backward()
+                    scaler_d.step(opt_d)
+                    scaler_d.update()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"stage {stage} step {step}: loss is {float(loss)}")
                 if T.due(step + 1, sc.log_every, sc.steps):
