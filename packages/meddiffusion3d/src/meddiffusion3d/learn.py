@@ -223,6 +223,7 @@ def _generate_stage(out: Path, cfg: Config, bf_ckpt: Path, lat_dir: Path) -> dic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        torch.manual_seed(0)  # the random MedicalNet init (no weights offline) is seed 0
         net = med3d_resnet50(None)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -234,7 +235,7 @@ def _generate_stage(out: Path, cfg: Config, bf_ckpt: Path, lat_dir: Path) -> dic
     dist = {
         "fid": {"method": fid(fo, fr), "random_latent": fid(fz, fr)},
         "mmd": {"method": mmd(fo, fr), "random_latent": mmd(fz, fr)},
-        "feature_extractor": "Med3D ResNet-50 architecture, random weights (seed 0)",
+        "feature_extractor": "MedicalNet 3D ResNet-50 (shortcut B, dilated layer3/4), random weights (seed 0)",
     }
     # files: sample i of class c against held-out real volume i of class c (PSNR is a similarity, no margin)
     task = H.HeldoutTask(out / "heldout", "generate")
@@ -275,6 +276,14 @@ def _controlnet_stage(out: Path, cfg: Config, base_overrides: list[str], bf_ckpt
     ae, _, _ = load_autoencoder(ae_ckpt)
     vols, labels = heldout_volumes(cfg, HELDOUT_CASES)
     blocks, secs, views, titles = {}, {}, [], []
+    # the ControlNet's output is decoded by this AE: its reconstruction of the clean target bounds the restoration
+    ceiling = []
+    for v in vols:
+        x = torch.from_numpy(v)[None, None]
+        with torch.no_grad():
+            rec = reconstruct(ae, x, cfg.data.patch, cfg.infer.chunk).clamp(-1, 1)
+        mse = float(np.mean((unit(rec) - unit(x)) ** 2))
+        ceiling.append(round(10 * np.log10(1.0 / max(mse, 1e-12)), 3))
     params = TASK_PARAMS
     for task_name in TASKS:
         c = load_config(
@@ -307,6 +316,8 @@ def _controlnet_stage(out: Path, cfg: Config, base_overrides: list[str], bf_ckpt
                     f"restored {res['method']['psnr_db']:.1f} dB",
                 ]
         task.extra["task_params"] = dict(params[task_name])
+        task.extra["ae_of_target_psnr_db"] = {"per_case": ceiling, "mean": round(float(np.mean(ceiling)), 3)}
+        task.extra["case_labels"] = [int(c) for c in labels]
         blocks[f"controlnet_{task_name}"] = task.summary()
         secs[task_name] = {"train": round(t_train, 1), "total": round(time.perf_counter() - t0, 1)}
     save_volume_views(out / "figure_controlnet.png", views, titles=titles, value_range=(0.0, 1.0), scale=4)
