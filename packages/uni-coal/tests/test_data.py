@@ -144,17 +144,31 @@ def test_output_plan_arbitrary_spacing():
     assert plan[1][1] == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("flip", ["none", "subject", "random"])
 def test_q7_flip_flag(flip):
+    """Q7: "subject" (default, faithful) = the official RandomFlip, one fixed decision per subject in every
+    epoch; "random" (the fix) = a fresh decision per item and epoch; "none" = never flipped."""
+    assert DataConfig().flip == "subject"
     cfg = DataConfig(kind="phantom", size=8, thicknesses=(1,), sources=("T1",), flip=flip)
     v = _vols()
     ds = SliceDataset([v] * 8, cfg, seed=0)
-    flipped = []
-    for s in range(8):  # subject s, slice 5
-        item = ds[s * 20 + 5]
-        raw = torch.from_numpy(v["T1"][5] / 127.5 - 1).float()
-        flipped.append(not torch.allclose(item["A"][1], raw, atol=1e-6))
-        again = ds[s * 20 + 6]  # same subject -> same (fixed) decision, as the official per-subject flip
-        raw6 = torch.from_numpy(v["T1"][6] / 127.5 - 1).float()
-        assert (not torch.allclose(again["A"][1], raw6, atol=1e-6)) == flipped[-1]
-    assert any(flipped) if flip else not any(flipped)
+
+    def flipped(idx: int) -> bool:
+        raw = torch.from_numpy(v["T1"][idx % 20] / 127.5 - 1).float()
+        return not torch.allclose(ds[idx]["A"][1], raw, atol=1e-6)
+
+    decisions = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        decisions.append([[flipped(s * 20 + k) for k in range(4, 12)] for s in range(8)])
+    flat = [d for ep in decisions for subj in ep for d in subj]
+    if flip == "none":
+        assert not any(flat)
+    elif flip == "subject":  # same decision for every slice of a subject, in every epoch; subjects differ
+        assert all(len(set(subj)) == 1 for ep in decisions for subj in ep)
+        assert decisions[0] == decisions[1] and any(flat) and not all(flat)
+    else:  # a decision per item: slices of one subject differ, and epochs differ
+        assert any(len(set(subj)) == 2 for subj in decisions[0])
+        assert decisions[0] != decisions[1]
+    ds2 = SliceDataset([v] * 8, cfg, seed=0, train=False)  # evaluation never flips
+    assert torch.allclose(ds2[25]["A"][1], torch.from_numpy(v["T1"][5] / 127.5 - 1).float(), atol=1e-6)

@@ -154,7 +154,7 @@ def test_adni_thick_flair_on_t1_grid_and_sr_pair(tmp_path, capsys):
     # the all_hr=False loader: all 5 targets of a thick slice share one input, neighbours at +-5 slices
     cfg = DataConfig(
         kind="h5", root=str(out), modalities=("t1_hr4sr",), sources=("t1_lr4sr",), thicknesses=(5,),
-        all_hr=False, size=40,
+        all_hr=False, size=40, flip="none",
     )  # fmt: skip
     ds = SliceDataset(build_volumes(cfg, "train"), cfg)
     a = [ds[i]["A"] for i in range(5, 10)]

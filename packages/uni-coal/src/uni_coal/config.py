@@ -140,7 +140,10 @@ class DataConfig:
     all_hr: bool = True
     slice_num: int = 4
     size: int = 256
-    flip: bool = False  # official RandomFlip (fixed per subject, Q7); off by default here
+    # Q7: the official RandomFlip (IXI, BraTS bases) reseeds on every call, so each subject keeps one fixed flip
+    # decision in every epoch: "subject" (faithful default); "random" = the fix (a new draw per item and epoch);
+    # "none" = no flip (ADNI bases have no RandomFlip)
+    flip: Literal["subject", "random", "none"] = "subject"
     # phantom data (demo)
     phantom_subjects: int = 3
     phantom_shape: tuple[int, int, int] = (24, 32, 32)
@@ -169,8 +172,12 @@ class TrainConfig:
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
-        require(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null: epochs)")
-        require(self.keep_last >= 1 and self.num_workers >= 0, "train", "needs keep_last >= 1, num_workers >= 0")
+        require(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null: epochs)"
+        )
+        require(
+            self.keep_last >= 1 and self.num_workers >= 0, "train", "needs keep_last >= 1, num_workers >= 0"
+        )
 
 
 @dataclass

@@ -68,42 +68,6 @@ def read_lps_array(path: str | Path) -> tuple[np.ndarray, object]:
     return arr, img
 
 
-def prepare_subjects(input_dir: str | Path, output_dir: str | Path, modalities: Sequence[str]) -> list[Path]:
-    """``input_dir/<subject>/<subject>-<MOD>.nii.gz`` (official layout) -> ``output_dir/<subject>.h5``."""
-    from medsynth_core.io import write_h5
-
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if not input_dir.is_dir():
-        raise UserError(f"{input_dir}: not a folder (expected <subject>/<subject>-<MOD>.nii.gz inside)")
-    subjects = sorted(p for p in input_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not subjects:
-        raise UserError(f"{input_dir}: no subject folders found")
-    written = []
-    for subj in subjects:
-        arrays, shape = {}, None
-        for mod in modalities:
-            f = subj / f"{subj.name}-{mod}.nii.gz"
-            if not f.is_file():
-                continue
-            arr, _ = read_lps_array(f)
-            if shape is not None and arr.shape != shape:
-                raise UserError(
-                    f"{f}: shape {arr.shape} differs from the subject's other modality {shape}; "
-                    "co-register the volumes first"
-                )
-            shape = arr.shape
-            try:
-                arrays[mod] = rescale_uint8(arr)
-            except ValueError as exc:
-                raise UserError(f"{f}: {exc}") from exc
-        if not arrays:
-            continue
-        written.append(write_h5(output_dir / f"{subj.name}.h5", arrays))
-    if not written:
-        raise UserError(f"{input_dir}: no <subject>-<MOD>.nii.gz file for modalities {list(modalities)}")
-    return written
-
-
 # ------------------------------------------------------------------------------------ sampling
 
 
@@ -287,9 +251,10 @@ class SliceDataset(Dataset):
             rng, cfg.modalities, cfg.sources, cfg.thicknesses, cfg.fixed_source, cfg.fixed_target
         )
         out = make_sample(self.volumes[s], src, tgt, t, i_b, cfg.modalities, cfg.size, cfg.all_hr, rng)
-        if cfg.flip and self.train:
-            # Q7: the official RandomFlip reseeds per call -> one fixed decision per subject (faithful)
-            frng = np.random.default_rng(self.seed * 7919 + s)
+        if cfg.flip != "none" and self.train:
+            # Q7: the official RandomFlip reseeds per call -> one fixed decision per subject ("subject", faithful);
+            # "random" draws afresh for every item and epoch (the item's own generator, so resumes repeat it)
+            frng = np.random.default_rng(self.seed * 7919 + s) if cfg.flip == "subject" else rng
             for ax in (1, 2):
                 if frng.random() < 0.5:
                     out["A"] = out["A"].flip(ax)
