@@ -123,6 +123,17 @@ def test_folder_data_acdc_layout(tmp_path):
     assert d.subset(["patient001_frame01"]).images.shape[0] == 2
 
 
+def _folder_args(tmp_path) -> list[str]:
+    """The four ACDC-layout folders written by ``_acdc_folders``."""
+    pairs = (
+        ("--images", "tr/img"),
+        ("--labels", "tr/gt"),
+        ("--test-images", "te/img"),
+        ("--test-labels", "te/gt"),
+    )
+    return [x for flag, rel in pairs for x in (flag, str(tmp_path / rel))]
+
+
 def test_downstream_cli_on_folders(tmp_path, capsys):
     ckpt, _, _ = _ckpt(tmp_path)
     _acdc_folders(tmp_path)
@@ -130,14 +141,7 @@ def test_downstream_cli_on_folders(tmp_path, capsys):
         "downstream",
         "--checkpoint",
         str(ckpt),
-        "--images",
-        str(tmp_path / "tr" / "img"),
-        "--labels",
-        str(tmp_path / "tr" / "gt"),
-        "--test-images",
-        str(tmp_path / "te" / "img"),
-        "--test-labels",
-        str(tmp_path / "te" / "gt"),
+        *_folder_args(tmp_path),
         "--k",
         "1,3",
         "--seeds",
@@ -173,16 +177,7 @@ def test_downstream_cli_bad_input(tmp_path, capsys):
     assert main([*base, "--checkpoint", str(ckpt), "--images", str(tmp_path / "tr" / "img")]) == 2
     assert "--test-images" in capsys.readouterr().err
     # more subjects asked than present
-    folders = [
-        "--images",
-        str(tmp_path / "tr" / "img"),
-        "--labels",
-        str(tmp_path / "tr" / "gt"),
-        "--test-images",
-        str(tmp_path / "te" / "img"),
-        "--test-labels",
-        str(tmp_path / "te" / "gt"),
-    ]
+    folders = _folder_args(tmp_path)
     assert main([*base, "--checkpoint", str(ckpt), *folders, "--k", "5"]) == 2
     err = capsys.readouterr().err
     assert "only 2 subject" in err and len(err.strip().splitlines()) == 1
