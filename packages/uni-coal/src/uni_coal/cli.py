@@ -36,12 +36,14 @@ def _load(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from medsynth_core.cli import preempted_exit
+
     from .train import train
 
     cfg = _load(args)
     res = train(cfg, resume=args.resume)
-    print(json.dumps({"run": res["run"], "steps": res["steps"], "last": res["last"]}))
-    return 0
+    print(json.dumps({"run": res["run"], "steps": res["steps"], "step": res["step"], "last": res["last"]}))
+    return preempted_exit(PROG, res)
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:

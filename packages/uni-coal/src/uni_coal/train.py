@@ -177,7 +177,8 @@ def train(
     max_steps: int | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Train (single process or torchrun). Resumes from the run directory's latest checkpoint."""
+    """Train (single process or torchrun). Resumes from the run directory's latest checkpoint. SIGTERM
+    (cluster preemption) checkpoints the step in progress and returns with ``preempted`` set (issue 18)."""
     _check_sam_policy(cfg)
     with Dist.distributed_session(cfg.train.device) as info:
         Dist.seed_everything(cfg.seed)
@@ -207,7 +208,8 @@ def train(
         total = max_steps or cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
         last: dict[str, float] = {}
         t0 = time.time()
-        with T.RunLogger(run, enabled=info.is_main, resume_step=step) as logger:
+        start, end, preempted = step, total, None
+        with T.RunLogger(run, enabled=info.is_main, resume_step=step) as logger, T.PreemptionGuard() as stop:
             it = loader.iterate(step, total)
             if not quiet:
                 it = T.progress(it, total=total, initial=step, desc="uni-coal")
@@ -221,10 +223,20 @@ def train(
                     logger.log(done, last)
                 if info.is_main and T.due(done, cfg.train.sample_every, total):
                     trainer.sample_grid(batch, run.images / f"sample_{done:08d}.png")
-                if info.is_main and T.due(done, cfg.train.ckpt_every, total):
+                saved = T.due(done, cfg.train.ckpt_every, total)
+                if info.is_main and saved:
                     mgr.save(trainer.state(done, done // loader.steps_per_epoch))
+                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
+                    if info.is_main and not saved:
+                        mgr.save(trainer.state(done, done // loader.steps_per_epoch))
+                    preempted, end = stop.signal_name, done
+                    break
+        Dist.barrier()
         return {
             "steps": total,
+            "start": int(start),
+            "step": int(end),
+            "preempted": preempted,
             "last": last,
             "seconds": time.time() - t0,
             "run": str(run.path),
