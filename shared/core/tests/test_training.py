@@ -16,6 +16,7 @@ from medsynth_core.training import (
     ema_decay_from_half_life,
     grad_scaler,
     index_rng,
+    num_threads,
 )
 
 
@@ -171,3 +172,15 @@ def test_preemption_guard_flags_sigterm_and_restores_the_handler():
     assert signal.getsignal(signal.SIGTERM) is before
     assert preempted_exit("pkg", {"preempted": "SIGTERM", "step": 7}) == EXIT_PREEMPTED == 143
     assert preempted_exit("pkg", {"preempted": None}) == 0
+
+
+def test_num_threads_restores_the_callers_count():
+    before = torch.get_num_threads()
+    with num_threads(before + 1):
+        assert torch.get_num_threads() == before + 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), num_threads(before + 2):
+        raise RuntimeError("a failing recipe")
+    assert torch.get_num_threads() == before
+    with num_threads(0):  # 0/None: leave the count alone
+        assert torch.get_num_threads() == before

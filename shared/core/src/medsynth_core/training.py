@@ -128,6 +128,18 @@ def set_num_threads(n: int | None) -> None:
         torch.set_num_threads(int(n))
 
 
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """``set_num_threads(n)`` for the block, then the caller's thread count again (a recipe that runs
+    inside a longer process, e.g. a test session pinned to one thread, leaves it as it found it)."""
+    before = torch.get_num_threads()
+    set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # ---------------------------------------------------------------------------------- run folders
 @dataclass(frozen=True)
 class RunDir:
