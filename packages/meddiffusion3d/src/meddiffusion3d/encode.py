@@ -84,7 +84,8 @@ def decode_latent(
 
     ``tile=0``: the whole grid at once (the joint decoder of stage 2). ``tile>0, overlap=0``: the official
     ``decode_sliding`` (non-overlapping tiles, each decoded alone; dims must be multiples of ``tile``).
-    ``overlap>0``: overlapped tiles blended with Gaussian weights (spec §6.5 fix).
+    ``overlap>0``: overlapped tiles blended with Gaussian weights (spec §6.5 fix; MONAI's sliding window,
+    ``sw_batch`` tiles per decoder call). Memory is bounded by the tile, not by the latent.
     """
     if z.ndim != 5 or (z.dtype.is_floating_point and z.shape[1] != ae.embedding_dim):
         raise ValueError(f"latent must be (B, {ae.embedding_dim}, d, h, w), got {tuple(z.shape)}")
@@ -118,52 +119,24 @@ def decode_latent(
                     t = tile * ds
                     out[:, :, i * t : (i + 1) * t, j * t : (j + 1) * t, k * t : (k + 1) * t] = y
         return out
-    return _blended_decode(dec, z, tile, overlap, ae.downsample)
+    return _blended_decode(dec, z, tile, overlap, ae.downsample, sw_batch)
 
 
-def _starts(n: int, tile: int, stride: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile + 1, stride))
-    if starts[-1] != n - tile:
-        starts.append(n - tile)
-    return starts
+def _blended_decode(dec, z: torch.Tensor, tile: int, overlap: float, ds: int, sw_batch: int = 1) -> torch.Tensor:
+    """Overlapping latent tiles decoded alone and blended with Gaussian weights (sigma = tile/8), through MONAI's
+    ``sliding_window_inference`` (the decoder's ×``ds`` output is its zoomed-output case). A tile never extends
+    past the grid: an edge shorter than ``tile`` is one tile, so no zero latents are ever decoded."""
+    from monai.inferers import sliding_window_inference
 
-
-def _gaussian_1d(n: int, device, dtype) -> torch.Tensor:
-    """Gaussian weights over an output tile edge (sigma = n/8, MONAI's default sigma_scale 0.125)."""
-    x = torch.arange(n, device=device, dtype=dtype) - (n - 1) / 2
-    return torch.exp(-0.5 * (x / (0.125 * n)) ** 2).clamp_min(1e-3)
-
-
-def _blended_decode(dec, z: torch.Tensor, tile: int, overlap: float, ds: int) -> torch.Tensor:
-    """Overlapping latent tiles (stride ``tile·(1−overlap)``) decoded alone and blended with Gaussian weights."""
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    stride = max(1, int(round(tile * (1 - overlap))))
-    size = z.shape[2:]
-    starts = [_starts(n, tile, stride) for n in size]
-    out = norm = None
-    for i in starts[0]:
-        for j in starts[1]:
-            for k in starts[2]:
-                t = [min(tile, n) for n in size]
-                y = dec(z[:, :, i : i + t[0], j : j + t[1], k : k + t[2]])
-                if out is None:
-                    out = y.new_zeros(y.shape[0], y.shape[1], *(n * ds for n in size))
-                    norm = y.new_zeros(1, 1, *(n * ds for n in size))
-                g = [_gaussian_1d(e, y.device, y.dtype) for e in y.shape[2:]]
-                w = g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :]
-                sl = (
-                    slice(None),
-                    slice(None),
-                    slice(i * ds, i * ds + y.shape[2]),
-                    slice(j * ds, j * ds + y.shape[3]),
-                    slice(k * ds, k * ds + y.shape[4]),
-                )
-                out[sl] += y * w
-                norm[sl] += w
-    return out / norm
+    roi = [min(tile, n) for n in z.shape[2:]]
+    out = sliding_window_inference(
+        z, roi, sw_batch, dec, overlap=overlap, mode="gaussian", sigma_scale=0.125, padding_mode="replicate"
+    )
+    if tuple(out.shape[2:]) != tuple(n * ds for n in z.shape[2:]):  # the decoder must zoom by exactly ds
+        raise ValueError(f"tiled decode gave {tuple(out.shape)} for a latent of {tuple(z.shape)}")
+    return torch.as_tensor(out)
 
 
 @dataclass(frozen=True)
