@@ -40,18 +40,7 @@ def test_ae_beats_avgpool_trilinear(learned):
     assert cb["heldout_perplexity"] > 16 and cb["heldout_codes_used"] <= cb["n_codes"]
 
 
-SPARSE_VIEW_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="measured 17.64 dB restored vs 17.58 degraded (+0.06, needs +1) and 17.95 ae_of_degraded. Cause: the "
-    "restoration is decoded by the AE, whose reconstruction of the clean targets (ae_of_target) is 18.25 dB "
-    "(chest 23.96/22.73, brain 13.17/13.15: the 1-voxel skull is lost), so even a perfect ControlNet could "
-    "gain only +0.67 dB over degraded; chest cases restore 22.9/21.4 dB from 19.9/19.8",
-)
-
-
-@pytest.mark.parametrize(
-    "task", [pytest.param(t, marks=SPARSE_VIEW_XFAIL) if t == "sparse_view_ct" else t for t in TASKS]
-)
+@pytest.mark.parametrize("task", TASKS)
 def test_controlnet_restores(learned, task):
     """restored >= degraded + 1 dB and >= the AE reconstruction of the degraded input, over the held-out set."""
     _, m = learned
@@ -69,13 +58,10 @@ def test_generation_is_class_faithful(learned):
     assert g["classifier_accuracy"]["random_latent"] < CLASSIFIER_MIN
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured FID 171.9 (ours) vs 65.3 (random_latent), MMD 0.790 vs 0.582, on features of MedicalNet's "
-    "ResNet-50 RANDOMLY initialised (resnet_50_23dataset.pth is not on this machine); the samples are "
-    "class-faithful (accuracy 1.0 vs 0.5)",
-)
 def test_generation_fid_mmd_below_random_latents(learned):
+    """FID and MMD of the samples against the real held-out set are below those of ``random_latent``. The
+    features are MedicalNet's ResNet-50 with random weights (seed 0: nothing is downloaded and the demo takes
+    no weights file), so this shows closeness in one fixed feature space, not the paper's FID/MMD values."""
     _, m = learned
     g = m["heldout"]["generate"]
     assert g["fid"]["method"] < g["fid"]["random_latent"]
@@ -109,11 +95,6 @@ def test_recipe_and_figures(learned):
         assert ceiling["mean"] == pytest.approx(m["heldout"]["ae"]["method"], abs=0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="measured 1164 s on the shared 2-core VM, one thread, load ~4 (AE 630 s: stage 1 379 s, stage 2 "
-    "249 s; BiFlowNet 279 s; generation 42 s; two ControlNets 212 s), over the 12-minute budget",
-)
 def test_three_stages_within_budget(learned):
     _, m = learned
     assert m["train"]["seconds"] < 12 * 60  # LEARNING.md: three stages <= 12 minutes

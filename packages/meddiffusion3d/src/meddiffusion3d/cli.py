@@ -330,7 +330,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--chain",
         action="store_true",
-        help="instead of the shown-to-learn recipe (configs/learn.yaml, ~10 min on one CPU thread), run the "
+        help="instead of the shown-to-learn recipe (configs/learn.yaml, ~9 min on two CPU threads), run the "
         "seconds-long smoke test of the whole chain (configs/demo.yaml: stage 1 resumed, stage 2, latents, "
         "BiFlowNet resumed, generate, ControlNet restore)",
     )

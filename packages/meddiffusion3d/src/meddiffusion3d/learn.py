@@ -327,15 +327,21 @@ def _controlnet_stage(out: Path, cfg: Config, base_overrides: list[str], bf_ckpt
 # ------------------------------------------------------------------------------------------------ run
 def run_learning(out: str | Path, overrides: list[str] | None = None) -> dict:
     """Train all three stages with ``configs/learn.yaml`` and score them on held-out phantoms."""
-    from .train import latest_checkpoint as latest_bf
-    from .train import train
+    from medsynth_core.training import num_threads
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
     base = [f"run.root={out / 'runs'}"] + list(overrides or [])
     cfg = learn_config(base)
-    torch.set_num_threads(max(1, cfg.run.threads or 1))
+    with num_threads(max(1, cfg.run.threads or 1)):
+        return _run_stages(out, cfg, base)
+
+
+def _run_stages(out: Path, cfg: Config, base: list[str]) -> dict:
+    from .train import latest_checkpoint as latest_bf
+    from .train import train
+
+    t_all = time.perf_counter()
     ae_info, ae_ckpt = _ae_stage(out, cfg)
     t_ae = time.perf_counter() - t_all
 
