@@ -163,6 +163,7 @@ class TrainConfig:
     log_every: int = 100
     keep_last: int = 3
     num_workers: int = 4
+    threads: int = 0  # torch CPU threads (0: torch's default)
     device: str | None = None
     drop_last: bool = True  # Q3: the official loader keeps a partial last batch (breaks the SAM mosaic)
     nan_to_num: bool = True
@@ -178,6 +179,7 @@ class TrainConfig:
         require(
             self.keep_last >= 1 and self.num_workers >= 0, "train", "needs keep_last >= 1, num_workers >= 0"
         )
+        require(self.threads >= 0, "train.threads", "must be >= 0 (0: torch's default)")
 
 
 @dataclass

@@ -180,6 +180,7 @@ def train(
     """Train (single process or torchrun). Resumes from the run directory's latest checkpoint. SIGTERM
     (cluster preemption) checkpoints the step in progress and returns with ``preempted`` set (issue 18)."""
     _check_sam_policy(cfg)
+    T.set_num_threads(cfg.train.threads)
     with Dist.distributed_session(cfg.train.device) as info:
         Dist.seed_everything(cfg.seed)
         run = (
