@@ -14,14 +14,16 @@ from meddiffusion3d.biflownet import (
     CLASS_NAMES,
     OFFICIAL_LATENT_SHAPES,
     BiFlowNet,
-    convert_official_biflownet,
-    convert_official_biflownet_checkpoint,
     count_parameters_meta,
-    from_official_kwargs,
-    official_args_to_kwargs,
     resolution_code,
     sincos_pos_embed_3d,
     timestep_embedding,
+)
+from meddiffusion3d.convert import (
+    convert_official_biflownet,
+    convert_official_biflownet_checkpoint,
+    from_official_kwargs,
+    official_args_to_kwargs,
 )
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -3,7 +3,7 @@
 * ``config_from_official(cfg)``: the official ``config/PatchVolume_{4x,8x}[_s2].yaml`` (``model:`` +
   ``dataset:``; an OmegaConf dump or plain dict) → override mapping for :class:`~.config.Config`.
 * ``convert_biflownet_checkpoint``: an official BiFlowNet training checkpoint (``model``/``ema``/``args``) →
-  a ``train``-style checkpoint (spec §2 key mapping in ``biflownet.py``).
+  a ``train``-style checkpoint (spec §2 key mapping, at the end of this module).
 * ``convert_state_dict(sd)``: Lightning ``state_dict`` (or the whole ``.ckpt``) → ``{"ae": …, "disc": …}``.
   Module names are the official ones, so the AE and discriminator keys map one to one; the frozen
   LPIPS copy (``perceptual_loss.*``) is dropped and listed; the codebook gets its ``initialized`` flag
@@ -23,6 +23,7 @@ from medsynth_core.checkpoint import atomic_torch_save, build_checkpoint
 from medsynth_core.cli import UserError
 from medsynth_core.config import config_from_dict, config_to_dict, merge_dicts
 
+from .biflownet import _triple
 from .config import Config, build_autoencoder, build_discriminator
 
 KIND = "meddiffusion3d-ae"
@@ -212,7 +213,6 @@ def biflownet_config_from_official(
     call, when given) or the training ``args``, then ``key=value`` overrides."""
     from medsynth_core.config import parse_overrides
 
-    from .biflownet import from_official_kwargs
 
     kw = dict(from_official_kwargs(**constructor) if constructor else out["model_kwargs"])
     sv = kw.get("sub_volume")
@@ -246,7 +246,6 @@ def convert_biflownet_checkpoint(
 
     import yaml
 
-    from .biflownet import convert_official_biflownet_checkpoint
     from .config import build_biflownet
     from .diffusion import ModelEMA
 
@@ -290,4 +289,242 @@ def convert_biflownet_checkpoint(
         "step": step,
         "unmapped": len(out["unmapped"]),
         "ema": out["ema"] is not None,
+    }
+
+
+# ------------------------------------------------------------------------- official BiFlowNet key mapping (spec §2)
+_OFFICIAL_ALIASES = {
+    # argparse names of train_BiFlowNet_SingleRes.py (dashes become underscores)
+    "model_dim": "dim",
+    "volume_channels": "channels",
+    "num_classes": "cond_classes",
+    "use_attn": "use_sparse_linear_attn",
+    "num_dit": "num_mid_DiT",
+}
+
+
+def from_official_kwargs(**kw: Any) -> dict[str, Any]:
+    """Map official ``BiFlowNet(...)`` constructor (or training-script argparse) arguments to ours.
+
+    The official forward tiles DiT features with ``8·latent // vq_size`` sub-volumes per axis, which equals our
+    ``latent // sub_volume`` only when ``vq_size == 8·sub_volume`` (spec §2, "Shape constraints"); other
+    combinations are rejected.
+    """
+    kw = {k.replace("-", "_"): v for k, v in kw.items()}
+    for a, b in _OFFICIAL_ALIASES.items():
+        if a in kw:
+            kw.setdefault(b, kw.pop(a))
+    known = {
+        "dim",
+        "dim_mults",
+        "channels",
+        "init_kernel_size",
+        "cond_classes",
+        "learn_sigma",
+        "use_sparse_linear_attn",
+        "vq_size",
+        "num_mid_DiT",
+        "patch_size",
+        "attn_heads",
+        "resnet_groups",
+        "DiT_num_heads",
+        "mlp_ratio",
+        "sub_volume_size",
+        "res_condition",
+        "init_dim",
+    }
+    unknown = sorted(set(kw) - known)
+    if unknown:
+        raise ValueError(f"unknown official BiFlowNet arguments: {unknown}")
+    dim = int(kw.get("dim", 72))
+    if kw.get("init_dim") not in (None, dim):
+        raise ValueError("official init_dim != dim cannot run (the head concatenates the stem output)")
+    sub = _triple(kw.get("sub_volume_size", (8, 8, 8)), "sub_volume_size")
+    vq = kw.get("vq_size", 64)
+    if vq is not None and any(int(vq) != 8 * s for s in sub):
+        raise ValueError(
+            f"official vq_size={vq} with sub_volume_size={sub} does not tile the latent "
+            f"(the official forward needs vq_size == 8·sub_volume_size)"
+        )
+    return dict(
+        channels=int(kw.get("channels", 3)),
+        dim=dim,
+        dim_mults=tuple(int(m) for m in kw.get("dim_mults", (1, 1, 2, 4, 8))),
+        use_attn=tuple(int(a) for a in kw.get("use_sparse_linear_attn", (0, 0, 0, 1, 1))),
+        attn_heads=int(kw.get("attn_heads", 8)),
+        attn_dim_head=32,
+        resnet_groups=int(kw.get("resnet_groups", 24)),
+        classes=(int(kw["cond_classes"]) if kw.get("cond_classes") else None),
+        res_condition=bool(kw.get("res_condition", True)),
+        sub_volume=sub,
+        dit_patch=int(kw.get("patch_size", 2)),
+        dit_heads=int(kw.get("DiT_num_heads", 8)),
+        mlp_ratio=float(kw.get("mlp_ratio", 4)),
+        num_mid_dit=int(kw.get("num_mid_DiT", 1)),
+        learn_sigma=bool(kw.get("learn_sigma", False)),
+        init_kernel_size=int(kw.get("init_kernel_size", 3)),
+    )
+
+
+def _map_resblock(rest: str) -> str | None:
+    table = {
+        "mlp.1.weight": "film.weight",
+        "mlp.1.bias": "film.bias",
+        "block1.proj.weight": "conv1.weight",
+        "block1.proj.bias": "conv1.bias",
+        "block1.norm.weight": "norm1.weight",
+        "block1.norm.bias": "norm1.bias",
+        "block2.proj.weight": "conv2.weight",
+        "block2.proj.bias": "conv2.bias",
+        "block2.norm.weight": "norm2.weight",
+        "block2.norm.bias": "norm2.bias",
+        "res_conv.weight": "skip.weight",
+        "res_conv.bias": "skip.bias",
+    }
+    return table.get(rest)
+
+
+def _map_attention(rest: str) -> str | None:
+    table = {
+        "fn.fn.to_qkv.weight": "to_qkv.weight",
+        "fn.fn.to_out.weight": "to_out.weight",
+        "fn.fn.to_out.bias": "to_out.bias",
+        "fn.norm.gamma": "gain",
+    }
+    return table.get(rest)
+
+
+def _map_dit(rest: str) -> str | None:
+    if rest.startswith(("attn.", "mlp.", "skip_linear.")):
+        return rest
+    if rest.startswith("adaLN_modulation.1."):
+        return "ada_ln." + rest.split(".", 2)[2]
+    if rest.startswith("linear."):
+        return rest
+    return None
+
+
+def official_key_to_ours(key: str) -> str | None:
+    """Our name of one official BiFlowNet state-dict key, or ``None`` when it has no counterpart."""
+    simple = {
+        "pos_embed": "pos_embed",
+        "init_conv.weight": "stem.weight",
+        "init_conv.bias": "stem.bias",
+        "cond_emb.weight": "class_embed.weight",
+        "x_embedder.proj.weight": "patch_embed.weight",
+        "x_embedder.proj.bias": "patch_embed.bias",
+        "final_conv.1.weight": "head_out.weight",
+        "final_conv.1.bias": "head_out.bias",
+    }
+    if key in simple:
+        return simple[key]
+    parts = key.split(".")
+    if parts[0] in ("time_mlp", "res_mlp"):
+        return key
+    if parts[0] in ("IntraPatchFlow_input", "IntraPatchFlow_output"):
+        ours = "dit_in" if parts[0].endswith("input") else "dit_out"
+        sub = {"0": "block", "1": "final"}.get(parts[2])
+        mapped = _map_dit(".".join(parts[3:]))
+        return f"{ours}.{parts[1]}.{sub}.{mapped}" if sub and mapped else None
+    if parts[0] == "IntraPatchFlow_mid":
+        mapped = _map_dit(".".join(parts[2:]))
+        return f"dit_mid.{parts[1]}.{mapped}" if mapped else None
+    if parts[0] in ("downs", "ups"):
+        slot, rest = parts[2], ".".join(parts[3:])
+        if slot in ("0", "2"):
+            m = _map_resblock(rest)
+            name = "res1" if slot == "0" else "res2"
+        elif slot in ("1", "3"):
+            m = _map_attention(rest)
+            name = "attn1" if slot == "1" else "attn2"
+        elif slot == "4":
+            m = rest if rest in ("weight", "bias") else None
+            name = "resample"
+        else:
+            return None
+        return f"{parts[0]}.{parts[1]}.{name}.{m}" if m else None
+    if parts[0] in ("mid_block1", "mid_block2"):
+        m = _map_resblock(".".join(parts[1:]))
+        return f"mid_res{parts[0][-1]}.{m}" if m else None
+    if parts[0] == "mid_spatial_attn":
+        m = _map_attention(".".join(parts[1:]))
+        return f"mid_attn.{m}" if m else None
+    if parts[0] == "final_conv" and parts[1] == "0":
+        m = _map_resblock(".".join(parts[2:]))
+        return f"head_res.{m}" if m else None
+    return None
+
+
+def convert_official_biflownet(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Official ``BiFlowNet`` state dict (optionally under ``model``/``ema``; ``module.`` prefixes stripped) →
+    (our state dict, official keys without a counterpart). Values are passed through unchanged (shapes and
+    layouts are identical), so the function also works on shape lists."""
+    out: dict[str, Any] = {}
+    unmapped: list[str] = []
+    for k, v in state_dict.items():
+        key = k[len("module.") :] if k.startswith("module.") else k
+        ours = official_key_to_ours(key)
+        if ours is None:
+            unmapped.append(k)
+        else:
+            out[ours] = v
+    return out, unmapped
+
+
+# argparse defaults of train/train_BiFlowNet_SingleRes.py (the released checkpoints store these ``args``)
+OFFICIAL_ARGPARSE_DEFAULTS: dict[str, Any] = dict(
+    model_dim=72,
+    dim_mults=[1, 1, 2, 4, 8],
+    use_attn=[0, 0, 0, 1, 1],
+    volume_channels=8,
+    num_classes=7,
+    num_dit=1,
+    vq_size=64,
+    patch_size=1,
+    timesteps=1000,
+    loss_type="l1",
+)
+
+
+def official_args_to_kwargs(args: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Official training-script ``args`` (argparse Namespace or mapping; missing entries take the script's
+    defaults) → (our ``BiFlowNet`` kwargs, our ``GaussianDiffusion`` kwargs ``timesteps``/``loss``)."""
+    a = dict(vars(args)) if not isinstance(args, Mapping) else dict(args)
+    a = {k.replace("-", "_"): v for k, v in a.items()}
+    g = {k: a.get(k, d) for k, d in OFFICIAL_ARGPARSE_DEFAULTS.items()}
+    model = from_official_kwargs(
+        dim=g["model_dim"],
+        dim_mults=g["dim_mults"],
+        channels=g["volume_channels"],
+        init_kernel_size=3,
+        cond_classes=g["num_classes"],
+        learn_sigma=False,
+        use_sparse_linear_attn=g["use_attn"],
+        vq_size=g["vq_size"],
+        num_mid_DiT=g["num_dit"],
+        patch_size=g["patch_size"],
+    )
+    return model, {"timesteps": int(g["timesteps"]), "loss": str(g["loss_type"])}
+
+
+def convert_official_biflownet_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """An official BiFlowNet training checkpoint (``{"model", "ema", "args", ...}``) or a bare state dict →
+    ``{"model": sd, "ema": sd | None, "model_kwargs", "diffusion_kwargs", "unmapped": [...]}``. ``unmapped`` lists
+    the official keys without a counterpart (prefixed ``model.`` / ``ema.``); optimizer/scaler state is dropped."""
+    if "model" in ckpt and isinstance(ckpt["model"], Mapping):
+        model_sd, ema_sd = ckpt["model"], ckpt.get("ema")
+    else:
+        model_sd, ema_sd = ckpt, None
+    model, un_m = convert_official_biflownet(model_sd)
+    ema, un_e = convert_official_biflownet(ema_sd) if ema_sd is not None else (None, [])
+    if "args" in ckpt:
+        model_kwargs, diffusion_kwargs = official_args_to_kwargs(ckpt["args"])
+    else:
+        model_kwargs, diffusion_kwargs = official_args_to_kwargs({})
+    return {
+        "model": model,
+        "ema": ema,
+        "model_kwargs": model_kwargs,
+        "diffusion_kwargs": diffusion_kwargs,
+        "unmapped": [f"model.{k}" for k in un_m] + [f"ema.{k}" for k in un_e],
     }
