@@ -42,3 +42,33 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(Config, paper, ["train.amp=off"]).train.amp == "off"  # YAML off (= false) too
     with pytest.raises(ConfigError, match="amp"):
         load_config(Config, paper, ["train.amp=fp32"])
+
+
+def test_cli_amp_flag_sets_the_stage_or_train_mode(tmp_path, capsys):
+    """``train-ae --amp`` sets ``ae.stage<N>.amp`` of the stage being trained, ``train --amp`` sets
+    ``train.amp``; the config saved in the checkpoint says so, and a bad mode is a one-line error."""
+    from pathlib import Path
+
+    from meddiffusion3d.cli import main
+    from meddiffusion3d.train_ae import KIND
+    from medsynth_core.checkpoint import CheckpointManager, load_checkpoint
+
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    base = ["--config", str(demo), f"run.root={tmp_path}", "ae.stage1.steps=1", "ae.stage1.ckpt_every=1"]
+    assert main(["train-ae", "--stage", "1", "--amp", "fp16", *base]) == 0
+    ck = CheckpointManager(tmp_path / "meddiffusion3d" / "demo" / "stage1" / "checkpoints").latest()
+    saved = load_checkpoint(ck, kind=KIND)["config"]
+    assert saved["ae"]["stage1"]["amp"] == "fp16" and saved["ae"]["stage2"]["amp"] == "off"
+    with pytest.raises(SystemExit) as bad:  # argparse: usage + one error line, exit 2
+        main(["train-ae", "--stage", "1", "--amp", "fp32", *base])
+    assert bad.value.code == 2 and "argument --amp: invalid choice: 'fp32'" in capsys.readouterr().err
+    # `train` takes --amp (it stops at the missing latents, not at argparse) and maps it to train.amp
+    assert main(["train", "--amp", "bf16", "--config", str(demo), f"run.root={tmp_path}", "train.latents="]) == 2
+    assert "train.latents" in capsys.readouterr().err
+    import argparse
+
+    from meddiffusion3d.cli import _load_cfg
+
+    ns = argparse.Namespace(config=str(demo), overrides=["train.amp=off"], amp="bf16")
+    assert _load_cfg(ns, "train.amp").train.amp == "bf16"  # the flag wins over an override
+    assert _load_cfg(argparse.Namespace(config=str(demo), overrides=[], amp=None), "train.amp").train.amp == "off"

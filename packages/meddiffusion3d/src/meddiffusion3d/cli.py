@@ -19,17 +19,34 @@ PROG = "meddiffusion3d"
 DESCRIPTION = "3D MedDiffusion: patch-volume VQ autoencoder, BiFlowNet latent diffusion and ControlNet"
 
 
-def _load_cfg(args: argparse.Namespace):
+def _load_cfg(args: argparse.Namespace, amp_key: str | None = None):
     from medsynth_core.config import load_config
 
     from .config import Config
 
-    return load_config(Config, args.config, args.overrides)
+    extra = [f"{amp_key}={args.amp}"] if amp_key and getattr(args, "amp", None) else []
+    return load_config(Config, args.config, [*args.overrides, *extra])
+
+
+def _amp_arg(p: argparse.ArgumentParser, key: str) -> None:
+    p.add_argument(
+        "--amp",
+        choices=("off", "bf16", "fp16"),
+        default=None,
+        help=f"mixed precision on CUDA (= {key}=...; fp16 uses a GradScaler as the official trainer; "
+        "CPU always runs fp32). Default: the config's value",
+    )
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    add_train_arguments(p)
+    _amp_arg(p, "train.amp")
 
 
 # ----------------------------------------------------------------------------------------- train-ae
 def _train_ae_args(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p)
+    _amp_arg(p, "ae.stage<N>.amp")
     p.add_argument(
         "--stage",
         type=int,
@@ -47,7 +64,7 @@ def _train_ae_args(p: argparse.ArgumentParser) -> None:
 def _train_ae(args: argparse.Namespace) -> int:
     from .train_ae import train_ae
 
-    path = train_ae(_load_cfg(args), args.stage, resume=args.resume, init=args.init)
+    path = train_ae(_load_cfg(args, f"ae.stage{args.stage}.amp"), args.stage, resume=args.resume, init=args.init)
     print(f"run folder: {path}")
     return 0
 
@@ -110,7 +127,7 @@ def _decode(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    print(f"run folder: {train(_load_cfg(args), resume=args.resume)}")
+    print(f"run folder: {train(_load_cfg(args, 'train.amp'), resume=args.resume)}")
     return 0
 
 
@@ -428,7 +445,7 @@ VERBS = [
         "train",
         "train BiFlowNet on cached latents (train.latents + train.manifest)",
         _train,
-        add_train_arguments,
+        _train_args,
     ),
     Verb("train-ae", "train the patch-volume autoencoder (--stage 1|2)", _train_ae, _train_ae_args),
     Verb("encode", "encode volumes to normalised latent files", _encode, _encode_args),
