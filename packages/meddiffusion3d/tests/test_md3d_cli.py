@@ -57,6 +57,17 @@ def test_demo_end_to_end(demo_out):
     cn = load_checkpoint(d["checkpoints"]["controlnet"], kind="meddiffusion3d-controlnet")
     assert cn["step"] == 2 and any(k.startswith("zero_convs.") for k in cn["models"]["controlnet"])
     assert m["total_seconds"] < 180
+    # every training loop writes its resolved config beside its checkpoints (issue 17), equal to the one saved in them
+    import yaml
+
+    for name, ck, kind in (
+        ("stage1", m["checkpoints"]["stage1"], "meddiffusion3d-ae"),
+        ("stage2", m["checkpoints"]["stage2"], "meddiffusion3d-ae"),
+        ("biflownet", d["checkpoints"]["biflownet"], "meddiffusion3d-biflownet"),
+        ("controlnet", d["checkpoints"]["controlnet"], "meddiffusion3d-controlnet"),
+    ):
+        written = yaml.safe_load((Path(ck).parent.parent / "config.yaml").read_text())
+        assert written == load_checkpoint(ck, kind=kind)["config"], name
 
 
 @pytest.mark.slow

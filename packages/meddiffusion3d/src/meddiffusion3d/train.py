@@ -20,7 +20,7 @@ from medsynth_core import checkpoint as C
 from medsynth_core import distributed as D
 from medsynth_core import training as T
 from medsynth_core.cli import UserError
-from medsynth_core.config import config_to_dict
+from medsynth_core.config import config_to_dict, save_config
 
 from . import precision as P
 from .biflownet import CLASS_NAMES, resolution_code
@@ -185,6 +185,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data)
         loader = T.ResumableLoader(ds, tc.batch, seed=cfg.run.seed, num_workers=tc.num_workers)
         ckpt_cfg = config_to_dict(cfg)
+        if info.is_main:
+            save_config(cfg, run.config)  # the resolved config beside the checkpoints
         extra = {
             "latent_norm": ds.norm,
             "latent_shape": list(ds.shape),

@@ -16,7 +16,7 @@ from medsynth_core import checkpoint as C
 from medsynth_core import distributed as D
 from medsynth_core import training as T
 from medsynth_core.cli import UserError
-from medsynth_core.config import config_to_dict
+from medsynth_core.config import config_to_dict, save_config
 from medsynth_core.viz import save_volume_views
 
 from . import precision as P
@@ -119,6 +119,8 @@ def train_ae(
         loader = T.ResumableLoader(ds, sc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         patch = cfg.data.patch if stage == 2 else None
         ckpt_cfg = config_to_dict(cfg)
+        if info.is_main:
+            save_config(cfg, run.config)  # the resolved config beside the checkpoints
 
         def save(step_done: int) -> None:
             if info.is_main:

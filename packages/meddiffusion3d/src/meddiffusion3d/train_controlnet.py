@@ -19,7 +19,7 @@ from medsynth_core import checkpoint as C
 from medsynth_core import distributed as D
 from medsynth_core import training as T
 from medsynth_core.cli import UserError
-from medsynth_core.config import config_from_dict, config_to_dict
+from medsynth_core.config import config_from_dict, config_to_dict, save_config
 
 from .biflownet import resolution_code
 from .config import Config, build_diffusion
@@ -155,6 +155,8 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
             ds = cached_pairs(ds, cfg, enc, device)
         loader = T.ResumableLoader(ds, cc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         ckpt_cfg = config_to_dict(cfg)
+        if info.is_main:
+            save_config(cfg, run.config)  # resolved: biflownet/diffusion are the frozen base's
         extra = {
             "base": str(cc.base),
             "autoencoder": str(cfg.train.autoencoder or gen.cfg.train.autoencoder or ""),
