@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 
 from medsynth_core.training import (
     EMA,
+    BucketLoader,
     ResumableLoader,
     RunDir,
     RunLogger,
@@ -184,3 +185,47 @@ def test_num_threads_restores_the_callers_count():
     assert torch.get_num_threads() == before
     with num_threads(0):  # 0/None: leave the count alone
         assert torch.get_num_threads() == before
+
+
+
+class _Shaped(Dataset):
+    """Items whose value is their index, in two 'resolutions' (bucket = index % 2)."""
+
+    def __init__(self, n=23):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.full((1, 2 + i % 2), float(i))
+
+
+def test_bucket_loader_one_bucket_per_batch_per_bucket_batch_sizes_and_exact_resume():
+    ds = _Shaped(23)
+    buckets = [i % 2 for i in range(23)]  # 12 of bucket 0, 11 of bucket 1
+    loader = BucketLoader(ds, buckets, {0: 4, 1: 3}, seed=5)
+    assert loader.steps_per_epoch == 12 // 4 + 11 // 3 == 6
+    run = list(loader.iterate(0, 18))
+    for _, batch in run:  # one bucket per batch (it stacks), with that bucket's batch size
+        ids = batch[:, 0, 0].long().tolist()
+        assert len({i % 2 for i in ids}) == 1 and len(ids) == (4 if ids[0] % 2 == 0 else 3)
+    epoch0 = [i for _, b in run[:6] for i in b[:, 0, 0].long().tolist()]
+    assert len(set(epoch0)) == len(epoch0) == 12 + 9  # no repeats within an epoch; remainders dropped
+    assert [b[:, 0, 0].tolist() for _, b in run[:6]] != [b[:, 0, 0].tolist() for _, b in run[6:12]]
+    resumed = list(loader.iterate(7, 18))  # restart mid-epoch: the same batches from step 7 on
+    assert [s for s, _ in resumed] == list(range(7, 18))
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, run[7:]))
+
+
+def test_bucket_loader_shards_each_global_batch_over_ranks():
+    ds = _Shaped(24)
+    buckets = [i % 2 for i in range(24)]
+    ranks = [list(BucketLoader(ds, buckets, {0: 3, 1: 2}, seed=1, world_size=2, rank=r).iterate(0, 5))
+             for r in (0, 1)]
+    for (_, a), (_, b) in zip(*ranks):
+        ia, ib = a[:, 0, 0].long().tolist(), b[:, 0, 0].long().tolist()
+        assert {i % 2 for i in ia} == {i % 2 for i in ib} and len(ia) == len(ib)  # same bucket, same step
+        assert not set(ia) & set(ib)
+    with pytest.raises(ValueError, match="bucket 1"):
+        BucketLoader(ds, buckets, {0: 3, 1: 7}, world_size=2, rank=0)

@@ -195,6 +195,14 @@ class DiffusionConfig:
         require(self.ema_every > 0, "ema_every", "must be > 0")
 
 
+def bucket_shape(key: str) -> tuple[int, int, int] | None:
+    """``"8x40x40"`` → (8, 40, 40); None when the key is not three positive integers."""
+    parts = str(key).lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        return None
+    return tuple(int(p) for p in parts)
+
+
 @dataclass
 class TrainConfig:
     latents: str | None = None  # folder of *.latent.pt written by `meddiffusion3d encode`
@@ -209,9 +217,15 @@ class TrainConfig:
     log_every: int = 100
     threads: int = 0  # torch CPU threads (0: run.threads)
     num_workers: int = 0
+    # multi-resolution ("universal", spec §2) training: latents of several shapes train together, each batch
+    # from one shape; "DxHxW" (latent shape) -> latents per process for that bucket, others use `batch`
+    bucket_batch: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.amp = _amp(self.amp, "fp16", "amp")
+        for key, b in self.bucket_batch.items():
+            require(bucket_shape(key) is not None, f"bucket_batch.{key}", "must be a latent shape like 8x40x40")
+            require(int(b) > 0, f"bucket_batch.{key}", "must be > 0")
         require(self.steps > 0, "steps", "must be > 0")
         require(self.batch > 0, "batch", "must be > 0")
         require(self.lr > 0, "lr", "must be > 0")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -24,11 +25,12 @@ from medsynth_core.config import config_to_dict, save_config
 
 from . import precision as P
 from .biflownet import CLASS_NAMES, resolution_code
-from .config import Config, build_biflownet, build_diffusion
+from .config import Config, bucket_shape, build_biflownet, build_diffusion
 from .diffusion import ModelEMA
 from .infer import read_latent
 
 KIND = "meddiffusion3d-biflownet"
+log = logging.getLogger("meddiffusion3d")
 PACKAGE = "meddiffusion3d"
 
 
@@ -73,7 +75,8 @@ def read_manifest(path: str | Path, n_classes: int) -> dict[str, int]:
 
 
 class LatentDataset(Dataset):
-    """``(latent (C, d, h, w), class)`` pairs from ``*.latent.pt`` files; all latents must share one grid."""
+    """``(latent (C, d, h, w), class)`` pairs from ``*.latent.pt`` files. Latents of several grids form one
+    resolution bucket each (``shapes[i]``); :func:`train` then draws every batch from one bucket."""
 
     def __init__(self, folder: str | Path | None, manifest: str | Path | None, n_classes: int, channels: int):
         if not folder:
@@ -88,7 +91,7 @@ class LatentDataset(Dataset):
             classes = {}
         else:
             raise UserError("train.manifest is not set: give a CSV name,class or JSON {name: class}")
-        self.labels, shapes, norms = [], set(), set()
+        self.labels, self.shapes, norms = [], [], set()
         for f in self.files:
             name = f.name.removesuffix(".latent.pt")
             if manifest and name not in classes:
@@ -97,18 +100,15 @@ class LatentDataset(Dataset):
         first = read_latent(self.files[0])
         for f in self.files:
             d = read_latent(f)
-            shapes.add(tuple(d["latent"].shape))
+            if d["latent"].shape[0] != channels:
+                raise UserError(
+                    f"{f}: the latent has {d['latent'].shape[0]} channels but biflownet.channels={channels}"
+                )
+            self.shapes.append(tuple(int(n) for n in d["latent"].shape[1:]))
             norms.add(tuple(float(v) for v in d["norm"]))
-        if len(shapes) != 1:
-            raise UserError(
-                f"{folder}: latents have different shapes {sorted(shapes)}; single-resolution training needs "
-                "one shape (crop/resample the volumes to one size before encoding)"
-            )
-        self.shape = shapes.pop()
-        if self.shape[0] != channels:
-            raise UserError(
-                f"{folder}: latents have {self.shape[0]} channels but biflownet.channels={channels}"
-            )
+        counts = {sh: self.shapes.count(sh) for sh in self.shapes}
+        self.grids = sorted(counts, key=lambda sh: (-counts[sh], sh))  # most frequent first
+        self.shape = (channels, *self.grids[0])
         if len(norms) != 1:
             raise UserError(
                 f"{folder}: latents were normalised with different codebook stats {sorted(norms)}"
@@ -150,6 +150,17 @@ def load_biflownet(path: str | Path, device: str | torch.device = "cpu", use_ema
     return model.to(device).eval(), cfg, ckpt
 
 
+def _bucket_batches(tc, grids: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], int]:
+    """Per-process batch of every latent grid: ``train.bucket_batch["DxHxW"]``, else ``train.batch``."""
+    given = {bucket_shape(k): int(v) for k, v in tc.bucket_batch.items()}
+    unknown = sorted(set(given) - set(grids))
+    if unknown:
+        raise UserError(
+            f"train.bucket_batch names latent grids {unknown} that no latent has (found {sorted(grids)})"
+        )
+    return {g: given.get(g, tc.batch) for g in grids}
+
+
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Train BiFlowNet on ``cfg.train.latents``; returns the run folder."""
     tc, dc = cfg.train, cfg.diffusion
@@ -162,10 +173,12 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model = build_biflownet(cfg.biflownet).to(device)
-        try:
-            model.check_input(torch.empty(1, *ds.shape, device="meta"))
-        except ValueError as exc:
-            raise UserError(f"{tc.latents}: {exc}") from exc
+        for grid in ds.grids:
+            try:
+                model.check_input(torch.empty(1, cfg.biflownet.channels, *grid, device="meta"))
+            except ValueError as exc:
+                raise UserError(f"{tc.latents}: latents of shape {grid}: {exc}") from exc
+        loader_of = _bucket_batches(tc, ds.grids)
         diff = build_diffusion(cfg).to(device)
         ema = ModelEMA(model, decay=dc.ema, update_every=dc.ema_every, start_step=dc.ema_start)
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr)
@@ -182,14 +195,20 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             scaler=scaler,
         )
         ddp = D.wrap_ddp(model, info)
-        # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data)
-        loader = T.ResumableLoader(ds, tc.batch, seed=cfg.run.seed, num_workers=tc.num_workers)
+        # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data); several
+        # latent grids: one resolution bucket per batch, all ranks on the same bucket at each step (spec §2)
+        if len(ds.grids) == 1:
+            loader = T.ResumableLoader(ds, tc.batch, seed=cfg.run.seed, num_workers=tc.num_workers)
+        else:
+            loader = T.BucketLoader(ds, ds.shapes, loader_of, seed=cfg.run.seed, num_workers=tc.num_workers)
+            log.info("resolution buckets (latent grid: batch per process): %s", loader_of)
         ckpt_cfg = config_to_dict(cfg)
         if info.is_main:
             save_config(cfg, run.config)  # the resolved config beside the checkpoints
         extra = {
             "latent_norm": ds.norm,
             "latent_shape": list(ds.shape),
+            "latent_grids": [list(g) for g in ds.grids],
             "downsample": ds.downsample,
             "autoencoder": tc.autoencoder,
         }

@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -354,6 +354,73 @@ class ResumableLoader:
             loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.num_workers,
                                 collate_fn=self.collate_fn, pin_memory=self.pin_memory, generator=g,
                                 persistent_workers=False)
+            for batch in loader:
+                if max_steps is not None and step >= max_steps:
+                    return
+                yield step, batch
+                step += 1
+
+
+class BucketLoader:
+    """Step-indexed batches in which every batch holds items of one bucket (e.g. one latent resolution), each
+    bucket with its own per-rank batch size; sharded over ranks and restartable at any step like
+    :class:`ResumableLoader`.
+
+    Epoch ``e``: each bucket's items are permuted by ``index_rng(seed, e, bucket)`` and cut into global batches
+    of ``batch_sizes[bucket] · world_size`` items (a bucket's remainder is dropped); the global batches are put
+    in the order of ``index_rng(seed, e)``, and rank ``r`` takes the ``r``-th slice of each. Every rank
+    therefore runs the same number of steps on the same bucket, and an epoch has the same length each time.
+    """
+
+    def __init__(self, dataset: Dataset, buckets: Sequence[Any], batch_sizes: Mapping[Any, int], seed: int = 0,
+                 num_workers: int = 0, collate_fn=None, pin_memory: bool = False,
+                 world_size: int | None = None, rank: int | None = None):
+        if len(buckets) != len(dataset):
+            raise ValueError(f"{len(buckets)} bucket labels for a dataset of {len(dataset)} items")
+        self.dataset, self.seed = dataset, seed
+        self.num_workers, self.collate_fn, self.pin_memory = num_workers, collate_fn, pin_memory
+        self.world = get_world_size() if world_size is None else int(world_size)
+        self.rank = get_rank() if rank is None else int(rank)
+        self.keys = sorted(set(buckets), key=str)
+        self.members = {k: [i for i, b in enumerate(buckets) if b == k] for k in self.keys}
+        self.batch_sizes = {}
+        for k in self.keys:
+            b = int(batch_sizes[k])
+            if b < 1 or len(self.members[k]) < b * self.world:
+                raise ValueError(
+                    f"bucket {k}: {len(self.members[k])} items cannot fill one batch of {b} per rank "
+                    f"on {self.world} rank(s); lower its batch size or add data"
+                )
+            self.batch_sizes[k] = b
+        self.steps_per_epoch = sum(
+            len(self.members[k]) // (self.batch_sizes[k] * self.world) for k in self.keys
+        )
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        glob = []
+        for j, k in enumerate(self.keys):
+            idx = [self.members[k][i] for i in index_rng(self.seed, epoch, j).permutation(len(self.members[k]))]
+            g = self.batch_sizes[k] * self.world
+            glob += [idx[i: i + g] for i in range(0, len(idx) - g + 1, g)]
+        order = index_rng(self.seed, epoch).permutation(len(glob))
+        out = []
+        for o in order:
+            b = glob[o]
+            n = len(b) // self.world
+            out.append(b[self.rank * n: (self.rank + 1) * n])
+        return out
+
+    def iterate(self, start_step: int = 0, max_steps: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(step, batch)`` from ``start_step`` until ``max_steps`` (forever when None)."""
+        step = start_step
+        while max_steps is None or step < max_steps:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 97 + self.rank)
+            loader = DataLoader(self.dataset, batch_sampler=self._batches(epoch)[offset:],
+                                num_workers=self.num_workers, collate_fn=self.collate_fn,
+                                pin_memory=self.pin_memory, generator=g, persistent_workers=False)
             for batch in loader:
                 if max_steps is not None and step >= max_steps:
                     return
