@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, run_cli
+from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, preempted_exit, run_cli
 
 PROG = "meddiffusion3d"
 DESCRIPTION = "3D MedDiffusion: patch-volume VQ autoencoder, BiFlowNet latent diffusion and ControlNet"
@@ -64,9 +64,9 @@ def _train_ae_args(p: argparse.ArgumentParser) -> None:
 def _train_ae(args: argparse.Namespace) -> int:
     from .train_ae import train_ae
 
-    path = train_ae(_load_cfg(args, f"ae.stage{args.stage}.amp"), args.stage, resume=args.resume, init=args.init)
-    print(f"run folder: {path}")
-    return 0
+    res = train_ae(_load_cfg(args, f"ae.stage{args.stage}.amp"), args.stage, resume=args.resume, init=args.init)
+    print(f"run folder: {res['run_dir']}")
+    return preempted_exit(PROG, res)
 
 
 # ----------------------------------------------------------------------------------- encode/decode
@@ -127,15 +127,17 @@ def _decode(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from .train import train
 
-    print(f"run folder: {train(_load_cfg(args, 'train.amp'), resume=args.resume)}")
-    return 0
+    res = train(_load_cfg(args, "train.amp"), resume=args.resume)
+    print(f"run folder: {res['run_dir']}")
+    return preempted_exit(PROG, res)
 
 
 def _train_cn(args: argparse.Namespace) -> int:
     from .train_controlnet import train_controlnet
 
-    print(f"run folder: {train_controlnet(_load_cfg(args), resume=args.resume)}")
-    return 0
+    res = train_controlnet(_load_cfg(args), resume=args.resume)
+    print(f"run folder: {res['run_dir']}")
+    return preempted_exit(PROG, res)
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:

@@ -161,8 +161,9 @@ def _bucket_batches(tc, grids: list[tuple[int, int, int]]) -> dict[tuple[int, in
     return {g: given.get(g, tc.batch) for g in grids}
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> Path:
-    """Train BiFlowNet on ``cfg.train.latents``; returns the run folder."""
+def train(cfg: Config, resume: str | Path | None = None) -> dict:
+    """Train BiFlowNet on ``cfg.train.latents``; returns ``run_dir``, ``start``, ``step`` and ``preempted`` (the
+    signal's name when SIGTERM stopped it after checkpointing that step, else None)."""
     tc, dc = cfg.train, cfg.diffusion
     T.set_num_threads(tc.threads or cfg.run.threads)
     with D.distributed_session(cfg.run.device) as info:
@@ -229,7 +230,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                 )
 
         model.train()
-        with T.RunLogger(run, resume_step=start) as logger:
+        preempted, end = None, tc.steps
+        with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             bar = T.progress(loader.iterate(start, tc.steps), total=tc.steps, initial=start, desc="biflownet")
             for step, (z, y) in bar:
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -249,7 +251,13 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="biflownet"
                     )
-                if T.due(step + 1, tc.ckpt_every, tc.steps):
+                saved = T.due(step + 1, tc.ckpt_every, tc.steps)
+                if saved:
                     save(step + 1)
+                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
+                    if not saved:
+                        save(step + 1)
+                    preempted, end = stop.signal_name, step + 1
+                    break
         D.barrier()
-    return run.path
+    return {"run_dir": str(run.path), "start": int(start), "step": int(end), "preempted": preempted}

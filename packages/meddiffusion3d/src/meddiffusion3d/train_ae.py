@@ -59,9 +59,10 @@ def _stage_cfg(cfg: Config, stage: int):
 
 def train_ae(
     cfg: Config, stage: int, resume: str | Path | None = None, init: str | Path | None = None
-) -> Path:
-    """Train one stage; returns the run folder. Stage 2 starts from ``init`` (a stage-1 checkpoint;
-    default: the latest of this run name's stage 1)."""
+) -> dict:
+    """Train one stage; returns ``run_dir``, ``start``, ``step`` and ``preempted`` (the signal's name when SIGTERM
+    stopped it after checkpointing that step). Stage 2 starts from ``init`` (a stage-1 checkpoint; default: the
+    latest of this run name's stage 1)."""
     if stage not in (1, 2):
         raise UserError(f"--stage must be 1 or 2, got {stage}")
     sc = _stage_cfg(cfg, stage)
@@ -138,7 +139,8 @@ def train_ae(
         ae.train()
         disc.train()
         loss_fn.train()
-        with T.RunLogger(run, resume_step=start) as logger:
+        preempted, end = None, sc.steps
+        with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             bar = T.progress(
                 loader.iterate(start, sc.steps), total=sc.steps, initial=start, desc=f"stage {stage}"
             )
@@ -184,7 +186,13 @@ def train_ae(
                         titles=["input", "reconstruction"],
                         value_range=(-1.0, 1.0),
                     )
-                if T.due(step + 1, sc.ckpt_every, sc.steps):
+                saved = T.due(step + 1, sc.ckpt_every, sc.steps)
+                if saved:
                     save(step + 1)
+                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
+                    if not saved:
+                        save(step + 1)
+                    preempted, end = stop.signal_name, step + 1
+                    break
         D.barrier()
-    return run.path
+    return {"run_dir": str(run.path), "start": int(start), "step": int(end), "preempted": preempted}

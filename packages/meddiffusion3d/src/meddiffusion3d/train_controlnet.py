@@ -123,7 +123,8 @@ def latest_checkpoint(cfg: Config) -> Path | None:
     return C.CheckpointManager(d).latest()
 
 
-def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
+def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
+    """Fine-tune a ControlNet on the frozen base; returns ``run_dir``, ``start``, ``step`` and ``preempted``."""
     cc = cfg.controlnet
     if not cc.base:
         raise UserError(
@@ -163,7 +164,21 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
             "latent_norm": [gen.norm.lo, gen.norm.hi],
         }
         m.train()
-        with T.RunLogger(run, resume_step=start) as logger:
+        def save(step_done: int) -> None:
+            if info.is_main:
+                mgr.save(
+                    C.build_checkpoint(
+                        kind=KIND,
+                        step=step_done,
+                        models={"controlnet": m.controlnet},
+                        optimizers={"opt": opt},
+                        config=ckpt_cfg,
+                        extra=extra,
+                    )
+                )
+
+        preempted, end = None, cc.steps
+        with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             bar = T.progress(
                 loader.iterate(start, cc.steps), total=cc.steps, initial=start, desc="controlnet"
             )
@@ -191,19 +206,16 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> Path:
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="controlnet"
                     )
-                if info.is_main and T.due(step + 1, cc.ckpt_every, cc.steps):
-                    mgr.save(
-                        C.build_checkpoint(
-                            kind=KIND,
-                            step=step + 1,
-                            models={"controlnet": m.controlnet},
-                            optimizers={"opt": opt},
-                            config=ckpt_cfg,
-                            extra=extra,
-                        )
-                    )
+                saved = T.due(step + 1, cc.ckpt_every, cc.steps)
+                if saved:
+                    save(step + 1)
+                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
+                    if not saved:
+                        save(step + 1)
+                    preempted, end = stop.signal_name, step + 1
+                    break
         D.barrier()
-    return run.path
+    return {"run_dir": str(run.path), "start": int(start), "step": int(end), "preempted": preempted}
 
 
 class Restorer:
