@@ -21,7 +21,8 @@ from uni_coal.convert import (
     generator_config_from_official,
     official_yaml_to_config,
 )
-from uni_coal.model import CoModDiscriminator, UniCOALGenerator
+from uni_coal.discriminator import CoModDiscriminator
+from uni_coal.model import UniCOALGenerator
 
 PKG = Path(__file__).resolve().parents[1]
 REF = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference" / "uni-coal"

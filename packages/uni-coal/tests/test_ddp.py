@@ -86,7 +86,8 @@ def _flat(sd: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_two_ranks_identical_and_equal_to_one_process(tmp_path):
-    from uni_coal.model import CoModDiscriminator, UniCOALGenerator
+    from uni_coal.discriminator import CoModDiscriminator
+    from uni_coal.model import UniCOALGenerator
     from uni_coal.train import train
 
     worker = tmp_path / "worker.py"

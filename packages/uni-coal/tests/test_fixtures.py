@@ -11,7 +11,8 @@ from uni_coal.convert import (
     discriminator_config_from_official,
     generator_config_from_official,
 )
-from uni_coal.model import CoModDiscriminator, UniCOALGenerator, layer_table
+from uni_coal.discriminator import CoModDiscriminator
+from uni_coal.model import UniCOALGenerator, layer_table
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 

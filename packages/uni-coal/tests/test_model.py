@@ -10,7 +10,8 @@ import torch
 from medsynth_core import checkpoint as C
 from uni_coal import losses as L
 from uni_coal.config import GeneratorConfig
-from uni_coal.model import CoModDiscriminator, UniCOALGenerator
+from uni_coal.discriminator import CoModDiscriminator
+from uni_coal.model import UniCOALGenerator
 
 
 def _inputs(cfg, b=2, seed=0):

@@ -208,7 +208,8 @@ def convert_official(
     from medsynth_core.config import config_to_dict, load_config
 
     from .config import Config
-    from .model import CoModDiscriminator, UniCOALGenerator
+    from .discriminator import CoModDiscriminator
+    from .model import UniCOALGenerator
 
     src = Path(src)
     if not src.is_file():

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .config import Config
-from .model import CoModDiscriminator, UniCOALGenerator
+from .discriminator import CoModDiscriminator
+from .model import UniCOALGenerator
 
 
 def _count(m: torch.nn.Module) -> dict[str, int]:

@@ -25,7 +25,8 @@ from medsynth_core.viz import save_grid
 from . import losses as L
 from .config import Config
 from .data import SliceDataset, build_volumes
-from .model import CoModDiscriminator, UniCOALGenerator
+from .discriminator import CoModDiscriminator
+from .model import UniCOALGenerator
 from .sam import SamGuidance, build_sam
 
 KIND = "uni-coal"
