@@ -157,6 +157,9 @@ class TrainConfig:
     log_every: int = 50
     keep_last: int = 3
     seed: int = 0
+    # issue 18: every ε keyed by (seed, step, global sample position) so N DDP ranks equal one process at the
+    # same global batch; default false = the official draws from the global generator (seed + rank per rank)
+    deterministic: bool = False
     threads: int = 0
     # mixed precision on CUDA: off (official: no AMP) | bf16 | fp16 (with a GradScaler); ignored (off) on CPU.
     # YAML reads a bare `off` as false, which means "off" too
@@ -171,7 +174,9 @@ class TrainConfig:
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr_g > 0, "train.lr_g", "must be > 0")
         require(self.lr_d > 0, "train.lr_d", "must be > 0")
-        require(self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decides the run length)")
+        require(
+            self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decides the run length)"
+        )
         require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")
         require(self.lr_decay_steps >= 0, "train.lr_decay_steps", "must be >= 0 (0: the run's total steps)")
         for key in ("ckpt_every", "sample_every", "log_every"):

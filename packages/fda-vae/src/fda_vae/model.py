@@ -13,7 +13,7 @@ uses ``decoder_a`` + ``post_quant_conv_a`` (official ``decoder_2`` / ``post_quan
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -228,16 +228,24 @@ class FDAVAE(nn.Module):
 
     # ------------------------------------------------------------------------------------ forward
     def forward(
-        self, x: torch.Tensor, src: str, sample: bool = True, generator: torch.Generator | None = None
+        self,
+        x: torch.Tensor,
+        src: str,
+        sample: bool = True,
+        generator: torch.Generator | None = None,
+        noise: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> GeneratorOutput:
         """Training forward (Yshape:890-914): own branch z = μ+σε, cross branch z' = −μ+σε' with
         independent noise drawn after the own branch's. ``sample=False`` decodes μ and −μ
-        (the official ``val_reconstruct``)."""
+        (the official ``val_reconstruct``). ``noise(k, sigma)`` (k = 0 own, 1 cross), when given, supplies
+        ε instead of the generators (``train.deterministic``)."""
         check_phase(src)
         mu, logvar = self.encode_logvar(x)
         sigma = torch.exp(0.5 * logvar)
         f_mu, f_sigma = self.flip(mu, sigma)
-        if sample:
+        if sample and noise is not None:
+            z_own, z_cross = mu + sigma * noise(0, sigma), f_mu + f_sigma * noise(1, f_sigma)
+        elif sample:
             z_own = self.sample(mu, sigma, generator)
             z_cross = self.sample(f_mu, f_sigma, generator)
         else:

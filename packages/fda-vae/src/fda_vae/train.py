@@ -38,9 +38,12 @@ class GeneratorPair(nn.Module):
         super().__init__()
         self.generator = generator
 
-    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ob = self.generator(x_b, "b")
-        oa = self.generator(x_a, "a")
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, noise=None) -> tuple[torch.Tensor, ...]:
+        nb = na = None
+        if noise is not None:  # ε draws 0, 1 for G(B), 2, 3 for G(A): the official order
+            nb, na = (lambda k, like: noise(k, like)), (lambda k, like: noise(2 + k, like))
+        ob = self.generator(x_b, "b", noise=nb)
+        oa = self.generator(x_a, "a", noise=na)
         return (oa.own, oa.cross, oa.mu, oa.sigma, oa.logvar, ob.own, ob.cross, ob.mu, ob.sigma, ob.logvar)
 
 
@@ -92,21 +95,46 @@ class Trainer:
     # --------------------------------------------------------------------------------- one step
     def is_spike(self, rec: float) -> bool:
         """Abnormal-batch rule (train_v3.py:120-143): with more than ``skip_spike_min`` values in the
-        window, L_rec > factor × window mean skips the batch on every rank; the value is still pushed."""
+        window, L_rec > factor × window mean skips the batch on every rank; the value is still pushed.
+        ``train.deterministic`` judges the global batch's mean (official: each rank its own batch; a spike
+        on any rank skips all)."""
         tc = self.cfg.train
+        if tc.deterministic:  # the global batch's mean L_rec (equal local batches), as one process sees it
+            rec = D.all_reduce_dict({"rec": rec}, op="mean")["rec"]
         local = len(self.spikes) > tc.skip_spike_min and rec > tc.skip_spike_factor * (
             sum(self.spikes) / len(self.spikes)
         )
         self.spikes.append(rec)
         return D.all_reduce_dict({"skip": float(local)}, op="max")["skip"] > 0
 
-    def step(self, batch: dict[str, Any]) -> dict[str, float]:
+    def keyed_noise(self, step: int):
+        """``train.deterministic`` (issue 18): ε of each sample from a generator keyed by (seed, step, the
+        sample's position in the global batch, which draw), so N ranks and one process at the same global
+        batch draw the same ε whatever the split. Returns ``noise(k, like)`` for :meth:`FDAVAE.forward`."""
+        seed = self.cfg.train.seed
+
+        def noise(k: int, like: torch.Tensor) -> torch.Tensor:
+            eps = []
+            for pos in T.global_positions(like.shape[0]):
+                with T.keyed_rng(seed, step, pos, k):
+                    eps.append(torch.randn(like.shape[1:], dtype=torch.float32))
+            return torch.stack(eps).to(device=like.device, dtype=like.dtype)
+
+        return noise
+
+    def step(self, batch: dict[str, Any], step: int | None = None) -> dict[str, float]:
+        """One iteration; ``step`` (0-based) keys the draws of ``train.deterministic`` and is needed there."""
         dev = self.info.device
         x_a = batch["a"].to(dev, non_blocking=True)
         x_b = batch["b"].to(dev, non_blocking=True)
+        noise = None
+        if self.cfg.train.deterministic:
+            if step is None:
+                raise ValueError("train.deterministic needs the step index: call Trainer.step(batch, step)")
+            noise = self.keyed_noise(step)
         self.pair.train()
         with autocast(self.amp, dev):
-            out_a, out_b = _unpack(self.pair(x_a, x_b))
+            out_a, out_b = _unpack(self.pair(x_a, x_b, noise=noise))
         if self.cfg.train.skip_spike:
             rec = float(reconstruction_loss(out_a, out_b, x_a, x_b).detach())
             if self.is_spike(rec):
@@ -267,7 +295,7 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
                 loader.iterate(start, total), total=total, initial=start, desc=KIND
             ):
                 lr_factor = trainer.set_lr(step, total)
-                last = trainer.step(batch)
+                last = trainer.step(batch, step)
                 last["lr_factor"] = lr_factor
                 done = step + 1
                 if T.due(done, tc.log_every, total):

@@ -167,6 +167,10 @@ class TrainConfig:
     device: str | None = None
     drop_last: bool = True  # Q3: the official loader keeps a partial last batch (breaks the SAM mosaic)
     nan_to_num: bool = True
+    # issue 18: z and the encoder's dropout masks keyed by (seed, step, global sample position), so N DDP
+    # ranks equal one process at the same global batch (the minibatch-std group must fit in a rank's batch);
+    # default false = the official draws from the global generator (seed + rank per rank)
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for key in ("ckpt_every", "sample_every", "log_every"):

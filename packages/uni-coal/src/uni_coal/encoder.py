@@ -152,6 +152,8 @@ class ReversedEncoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d((4, 4))
         self.fc_in = FullyConnectedLayer(c0 * 16, cfg.global_dim, activation="lrelu")
         self.dropout = nn.Dropout(p=cfg.enc_dropout)
+        # train.deterministic: keep_mask(g) -> {0, 1} mask of g's shape from keyed draws (issue 18)
+        self.keep_mask = None
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, index: torch.Tensor | None = None):
         x = torch.nn.functional.pad(img, [self.margin_size] * 4, "constant", -1)  # -1 = background (spec §2)
@@ -162,6 +164,7 @@ class ReversedEncoder(nn.Module):
             if idx in self.feature_layers:
                 feats[self.feature_layers[idx]] = x
         g = self.fc_in(self.pool(self.e_16x16(x)).flatten(1))
+        p = self.dropout.p
+        if self.keep_mask is not None and self.training and p > 0:  # nn.Dropout's rule on keyed masks
+            return feats, x, g * self.keep_mask(g) / (1.0 - p)
         return feats, x, self.dropout(g)
-
-

@@ -26,6 +26,7 @@ from . import losses as L
 from .config import Config
 from .data import SliceDataset, build_volumes
 from .discriminator import CoModDiscriminator
+from .encoder import ReversedEncoder
 from .model import UniCOALGenerator
 from .sam import SamGuidance, build_sam
 
@@ -84,6 +85,25 @@ class Trainer:
             g["lr"] = o.lr_d * f
         return f
 
+    def _keyed(self, step: int, draw: int, shape: tuple[int, ...], n: int, bernoulli: float | None = None):
+        """``train.deterministic``: ``n`` per-sample draws keyed by (seed, step, global position, draw)."""
+        out = []
+        for pos in T.global_positions(n):
+            with T.keyed_rng(self.cfg.seed, step, pos, draw):
+                out.append(
+                    torch.randn(shape) if bernoulli is None else (torch.rand(shape) >= bernoulli).float()
+                )
+        return torch.stack(out)
+
+    def _dropout_draws(self, step: int, draw: int) -> None:
+        """Keyed dropout masks of the global code for the next G forward (official: ``nn.Dropout``'s own)."""
+        if not self.cfg.train.deterministic:
+            return
+        p = self.cfg.generator.enc_dropout
+        for m in self.G.modules():
+            if isinstance(m, ReversedEncoder):
+                m.keep_mask = lambda g: self._keyed(step, draw, tuple(g.shape[1:]), g.shape[0], p).to(g)
+
     def step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         cfg = self.cfg
         a = batch["A"].to(self.device)
@@ -93,12 +113,16 @@ class Trainer:
         n = a.shape[0]
         n_img = step * n * self.world
         sigma = L.blur_sigma(n_img, cfg.loss.blur_init_sigma, cfg.loss.blur_fade_images)
-        z = torch.randn([n, cfg.generator.z_dim], device=self.device)
+        if cfg.train.deterministic:
+            z = self._keyed(step, 0, (cfg.generator.z_dim,), n).to(self.device)
+        else:
+            z = torch.randn([n, cfg.generator.z_dim], device=self.device)
         real_ab = torch.cat([a, b], 1)
 
         # D step: fresh G forward (fake detached)
         self.D.requires_grad_(True)
         self.opt_D.zero_grad(set_to_none=True)
+        self._dropout_draws(step, 1)
         with torch.no_grad():
             fake = self.G(z, c, idx, a, update_emas=True)
         ld = L.d_loss(self.D, real_ab, torch.cat([a, fake], 1), c, idx, sigma, cfg.loss.lambda_r1)
@@ -111,6 +135,7 @@ class Trainer:
         # G step: second forward with the same z, c, delta
         self.D.requires_grad_(False)
         self.opt_G.zero_grad(set_to_none=True)
+        self._dropout_draws(step, 2)
         fake = self.G(z, c, idx, a)
         lg = L.g_loss(self.D, a, b, fake, c, idx, sigma, cfg.loss.lambda_l1, cfg.loss.lambda_sam, self.sam)
         lg["G"].backward()
@@ -184,6 +209,13 @@ def train(
     T.set_num_threads(cfg.train.threads)
     with Dist.distributed_session(cfg.train.device) as info:
         Dist.seed_everything(cfg.seed)
+        mb = cfg.discriminator.mbstd_group
+        if cfg.train.deterministic and cfg.discriminator.mbstd_channels > 0 and cfg.train.batch_size % mb:
+            raise UserError(
+                f"train.deterministic: discriminator.mbstd_group={mb} must divide the per-process "
+                f"train.batch_size={cfg.train.batch_size} (minibatch-std groups are formed within a process, "
+                "so larger groups make N processes differ from one); set discriminator.mbstd_group"
+            )
         run = (
             T.RunDir.create(Path(run_dir).parent, "", Path(run_dir).name)
             if run_dir is not None
