@@ -73,3 +73,48 @@ def test_missing_or_empty_data_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(mio.MedicalIOError):
         VolumeSource(DataConfig(root=str(tmp_path / "empty")))
+
+
+def test_split_is_the_official_python_shuffle():
+    """VQGANDataset: ``random.seed(216); random.shuffle(files)``, the last 40 held out (on sorted files)."""
+    import random
+
+    files = [f"case_{i:03d}.nii.gz" for i in range(57)]
+    expect = list(files)
+    random.seed(216)
+    random.shuffle(expect)
+    train, val = split_files(files, DataConfig(val_files=40))
+    assert train == expect[:-40] and val == expect[-40:]
+    few_train, few_val = split_files(files[:40], DataConfig(val_files=40))  # nothing left to hold out
+    assert few_val == [] and sorted(few_train) == files[:40]
+
+
+def test_augmentation_flips_each_in_plane_axis_on_its_own_draw_then_rot90():
+    """tio.RandomFlip(axes=(0, 1)) draws per axis; then rot90 over (H, W); D is never touched."""
+    from meddiffusion3d.data import _augment
+
+    x = np.arange(3 * 4 * 4, dtype=np.float32).reshape(3, 4, 4)
+    rng = np.random.default_rng(0)
+    assert np.array_equal(_augment(x, rng, 0.0, 0.0), x)
+    assert np.array_equal(_augment(x, rng, 1.0, 1.0), np.rot90(x[:, ::-1, ::-1], 1, axes=(1, 2)))
+    seen = set()
+    for _ in range(200):
+        y = _augment(x, rng, 0.5, 0.0)
+        seen.add(
+            next(
+                k
+                for k, f in enumerate((x, x[:, ::-1], x[:, :, ::-1], x[:, ::-1, ::-1]))
+                if np.array_equal(y, f)
+            )
+        )
+    assert seen == {0, 1, 2, 3}  # both axes alone and together: independent draws
+
+
+def test_stage2_volumes_are_augmented_and_batches_keep_their_shape():
+    src = VolumeSource(DataConfig(synthetic=True, n_volumes=2, volume=(32, 32, 16), patch=16))
+    cfg = DataConfig(synthetic=True, n_volumes=2, volume=(32, 32, 16), patch=16, flip_p=1.0, rot_p=1.0)
+    plain = WholeVolumeDataset(src, cfg)[0][0].numpy()
+    one = WholeVolumeDataset(src, cfg, augment=True, batch=1)[0][0].numpy()
+    assert one.shape == (32, 16, 32) and np.array_equal(one, np.rot90(plain[:, ::-1, ::-1], 1, axes=(1, 2)))
+    two = WholeVolumeDataset(src, cfg, augment=True, batch=2)[0][0].numpy()  # H != W: flips only
+    assert two.shape == (32, 32, 16) and np.array_equal(two, plain[:, ::-1, ::-1])

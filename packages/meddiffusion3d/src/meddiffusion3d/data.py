@@ -9,6 +9,7 @@ All randomness comes from ``index_rng(seed, epoch, index)``: exact resume, any w
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,12 @@ def list_volumes(root: str | Path) -> list[Path]:
 
 
 def split_files(files: list[Path], cfg: DataConfig) -> tuple[list[Path], list[Path]]:
-    """Shuffle with ``split_seed`` (216) and hold out the last ``val_files`` (when there are more files)."""
-    order = np.random.default_rng(cfg.split_seed).permutation(len(files))
-    files = [files[i] for i in order]
+    """The official split (``VQGANDataset``): Python's ``random.seed(216); random.shuffle(files)``, the last
+    ``val_files`` (40) held out. The official shuffles the unsorted ``glob`` order; ``files`` come sorted
+    here, so the split is the same on every machine. With ``val_files`` or fewer files nothing is held out
+    (the official would train on an empty list)."""
+    files = list(files)
+    random.Random(cfg.split_seed).shuffle(files)
     n_val = cfg.val_files if len(files) > cfg.val_files else 0
     return files[: len(files) - n_val], files[len(files) - n_val :]
 
@@ -113,9 +117,12 @@ class VolumeSource:
 
 
 def _augment(crop: np.ndarray, rng: np.random.Generator, flip_p: float, rot_p: float) -> np.ndarray:
-    """In-plane (H, W) flip, then in-plane rot90, each with its probability."""
-    if rng.random() < flip_p:
-        crop = crop[:, :, ::-1]
+    """The official augmentation on a (D, H, W) array: ``tio.RandomFlip(axes=(0, 1), p)`` flips each in-plane
+    axis (torchio's x, y = our H, W) on its own draw, then ``torch.rot90(dims=(1, 2))`` (H towards W) with
+    probability ``rot_p``."""
+    for axis in (1, 2):
+        if rng.random() < flip_p:
+            crop = np.flip(crop, axis=axis)
     if rng.random() < rot_p:
         crop = np.rot90(crop, k=1, axes=(1, 2))
     return np.ascontiguousarray(crop)
@@ -171,10 +178,15 @@ def stage2_shape(shape: tuple[int, ...], cfg: DataConfig) -> tuple[int, ...]:
 
 
 class WholeVolumeDataset(Dataset):
-    """Stage 2: whole volumes (1, D, H, W), randomly cropped to :func:`stage2_shape`."""
+    """Stage 2: whole volumes (1, D, H, W), randomly cropped to :func:`stage2_shape`; with ``augment`` the
+    stage-1 flips and rot90 follow (the official stage-2 training set augments too). A rot90 swaps H and W:
+    with ``batch`` > 1 it is applied to in-plane square crops only, so a batch still stacks (the official
+    trains stage 2 at batch 1)."""
 
-    def __init__(self, source: VolumeSource, cfg: DataConfig, seed: int = 0):
-        self.source, self.cfg, self.seed = source, cfg, seed
+    def __init__(
+        self, source: VolumeSource, cfg: DataConfig, seed: int = 0, augment: bool = False, batch: int = 1
+    ):
+        self.source, self.cfg, self.seed, self.augment, self.batch = source, cfg, seed, augment, batch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -189,4 +201,7 @@ class WholeVolumeDataset(Dataset):
         rng = index_rng(self.seed, self.epoch, i, 2)
         o = [int(rng.integers(0, s - n + 1)) for s, n in zip(vol.shape, t)]
         crop = vol[o[0] : o[0] + t[0], o[1] : o[1] + t[1], o[2] : o[2] + t[2]]
+        if self.augment:
+            rot_p = self.cfg.rot_p if self.batch == 1 or t[1] == t[2] else 0.0
+            crop = _augment(crop, rng, self.cfg.flip_p, rot_p)
         return torch.from_numpy(np.ascontiguousarray(crop)).unsqueeze(0)

@@ -149,21 +149,29 @@ class GaussianDiffusion(nn.Module):
         noise: torch.Tensor | None = None,
         generator: Generator = None,
     ) -> torch.Tensor:
-        """ε-prediction loss with t ~ U{0..T−1}: mean |ε − ε̂| (``l1``) or mean (ε − ε̂)² (``l2``) (spec §3)."""
+        """ε-prediction loss with t ~ U{0..T−1}: mean |ε − ε̂| (``l1``) or mean (ε − ε̂)² (``l2``) (spec §3).
+
+        ``generator`` may be a list with one generator per sample: each sample's t, ε and class-drop draw then
+        come from its own generator (``run.deterministic``: a batch split over ranks draws as one process)."""
         if not torch.isfinite(x0).all():
             raise ValueError("diffusion training latent contains NaN/Inf")
         b = x0.shape[0]
+        per_sample = isinstance(generator, (list, tuple))
+        if per_sample and len(generator) != b:
+            raise ValueError(f"{len(generator)} generators for a batch of {b}")
+
+        def draw(fn, *args):  # (b,) draws: one per sample from its generator, or one call
+            if per_sample:
+                return torch.cat([fn(*args, (1,), generator=g, device=g.device) for g in generator]).to(x0.device)
+            dev = x0.device if generator is None else generator.device
+            return fn(*args, (b,), generator=generator, device=dev).to(x0.device)
+
         if t is None:
-            g = generator[0] if isinstance(generator, (list, tuple)) else generator
-            t = torch.randint(
-                0, self.num_timesteps, (b,), generator=g, device=x0.device if g is None else g.device
-            )
-            t = t.to(x0.device)
+            t = draw(torch.randint, 0, self.num_timesteps)
         if noise is None:
             noise = randn(x0.shape, generator, device=x0.device, dtype=x0.dtype)
         if self.cond_drop_prob > 0 and y is not None:
-            g = generator[0] if isinstance(generator, (list, tuple)) else generator
-            drop = torch.rand(b, generator=g, device=x0.device if g is None else g.device).to(x0.device)
+            drop = draw(torch.rand)
             y = torch.where(drop < self.cond_drop_prob, torch.full_like(y, self.null_class), y)
         x_t = self.q_sample(x0, t, noise)
         kw: dict[str, Any] = {"y": y, "res": res}

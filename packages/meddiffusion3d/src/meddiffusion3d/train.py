@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -137,6 +138,23 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + rank) % (2**63))
 
 
+def sample_generators(seed: int, step: int, local_batch: int, device: torch.device) -> list[torch.Generator]:
+    """``run.deterministic``: one generator per sample keyed by (seed, step, global position), the same for
+    that sample however the global batch is split over ranks (core ``global_positions``)."""
+    out = []
+    for pos in T.global_positions(local_batch):
+        key = np.random.SeedSequence([seed, step, pos]).generate_state(2, dtype=np.uint32)
+        out.append(torch.Generator(device=device).manual_seed((int(key[0]) << 32 | int(key[1])) % (2**63)))
+    return out
+
+
+def draw_generators(cfg, step: int, local_batch: int, rank: int, device: torch.device):
+    """The generator(s) of one training step: per sample (``run.deterministic``) or per (step, rank)."""
+    if cfg.run.deterministic:
+        return sample_generators(cfg.run.seed, step, local_batch, device)
+    return step_generator(cfg.run.seed, step, rank, device)
+
+
 def load_biflownet(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
     """(model, cfg, ckpt) from a ``train`` or ``convert-official`` BiFlowNet checkpoint, eval mode."""
     from medsynth_core.config import config_from_dict
@@ -235,7 +253,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
             bar = T.progress(loader.iterate(start, tc.steps), total=tc.steps, initial=start, desc="biflownet")
             for step, (z, y) in bar:
                 z, y = z.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                g = step_generator(cfg.run.seed, step, info.rank, device)
+                g = draw_generators(cfg, step, z.shape[0], info.rank, device)
                 opt.zero_grad(set_to_none=True)
                 with P.autocast(device, tc.amp):
                     loss = diff.training_loss(

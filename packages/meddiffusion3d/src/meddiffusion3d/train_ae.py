@@ -116,7 +116,7 @@ def train_ae(
                 source, cfg.data.patch, seed=cfg.run.seed, flip_p=cfg.data.flip_p, rot_p=cfg.data.rot_p
             )
         else:
-            ds = WholeVolumeDataset(source, cfg.data, seed=cfg.run.seed)
+            ds = WholeVolumeDataset(source, cfg.data, seed=cfg.run.seed, augment=True, batch=sc.batch)
         loader = T.ResumableLoader(ds, sc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         patch = cfg.data.patch if stage == 2 else None
         ckpt_cfg = config_to_dict(cfg)

@@ -28,7 +28,7 @@ from .data import VolumeSource, WholeVolumeDataset
 from .degrade import degrade
 from .encode import patch_encode
 from .generate import Generator
-from .train import PACKAGE, step_generator
+from .train import PACKAGE, draw_generators
 
 KIND = "meddiffusion3d-controlnet"
 
@@ -188,7 +188,7 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
                 else:
                     z0, hint = encode_pair(batch.to(device), cfg, enc, step)
                 y = torch.full((z0.shape[0],), cc.class_label, dtype=torch.long, device=device)
-                g = step_generator(cfg.run.seed, step, info.rank, device)
+                g = draw_generators(cfg, step, z0.shape[0], info.rank, device)
                 opt.zero_grad(set_to_none=True)
                 loss = diff.training_loss(
                     ddp,
