@@ -6,7 +6,7 @@ from medsynth_core.config import ConfigError
 
 def test_packaged_configs_load():
     demo, paper = load("demo"), load("paper")
-    assert isinstance(demo, DRDMConfig) and demo.diffusion.img_size == 32 and demo.diffusion.ctl_sz == 16
+    assert isinstance(demo, DRDMConfig) and demo.diffusion.img_size == 32 and demo.diffusion.ctl_sz == 8
     assert paper.diffusion.img_size == 256 and paper.train.lr == 1e-4 and paper.diffusion.v_scale == 4e-5
     assert (paper.train.w_dist, paper.train.w_ang, paper.train.w_reg) == (1.0, 1.0, 10.0)
 
