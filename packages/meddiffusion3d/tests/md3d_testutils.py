@@ -46,7 +46,7 @@ def tiny_fixture() -> dict:
     path = REF / "official_tiny.pt"
     if not path.is_file():
         pytest.skip(f"reference fixtures not found at {REF}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def paper_keys() -> dict:

@@ -231,7 +231,7 @@ def test_official_paper_keys_and_shapes_map(entry):
 
 
 def test_official_tiny_outputs_reproduce():
-    fx = torch.load(_need("official_tiny.pt"), map_location="cpu", weights_only=False)["biflownet"]
+    fx = torch.load(_need("official_tiny.pt"), map_location="cpu", weights_only=True)["biflownet"]
     net = BiFlowNet(**from_official_kwargs(**fx["constructor"])).eval()
     assert sum(p.numel() for p in net.parameters()) == fx["num_params"]
     sd, unmapped = convert_official_biflownet(fx["state_dict"])
@@ -254,7 +254,7 @@ def test_convert_reports_foreign_keys():
 
 
 def test_official_training_checkpoint_conversion():
-    fx = torch.load(_need("official_tiny.pt"), map_location="cpu", weights_only=False)["biflownet"]
+    fx = torch.load(_need("official_tiny.pt"), map_location="cpu", weights_only=True)["biflownet"]
     c = fx["constructor"]
     args = argparse.Namespace(
         model_dim=c["dim"],

@@ -48,7 +48,7 @@ def test_schedule_matches_official_buffers():
     p = REF / "official_tiny.pt"
     if not p.exists():
         pytest.skip(f"official fixture {p} not available")
-    fx = torch.load(p, map_location="cpu", weights_only=False)["gaussian_diffusion_schedule"]
+    fx = torch.load(p, map_location="cpu", weights_only=True)["gaussian_diffusion_schedule"]
     d = GaussianDiffusion(fx["constructor"]["timesteps"], loss=fx["constructor"]["loss_type"])
     ours = d.state_dict()
     assert set(ours) == set(fx["state_dict"])

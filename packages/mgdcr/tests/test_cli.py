@@ -30,7 +30,7 @@ def test_summary_paper_and_demo(capsys):
 
 
 def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
-    d = torch.load(ref_dir / "official_tiny.pt", weights_only=False)["beatgans_autoenc_tiny"]
+    d = torch.load(ref_dir / "official_tiny.pt", weights_only=True)["beatgans_autoenc_tiny"]
     sd = d["state_dict"]
     ckpt = {
         "state_dict": {
@@ -89,7 +89,7 @@ class OfficialConf:
 def test_convert_official_pickled_hyper_parameters(tmp_path, ref_dir, capsys):
     """A checkpoint whose hyper_parameters hold a pickled object is refused in one line (weights_only); with
     --trust-pickle it loads and the pickled config supplies the constructor (issue 18)."""
-    d = torch.load(ref_dir / "official_tiny.pt", weights_only=False)["beatgans_autoenc_tiny"]
+    d = torch.load(ref_dir / "official_tiny.pt", weights_only=True)["beatgans_autoenc_tiny"]
     sd = d["state_dict"]
     ckpt = {
         "state_dict": {"ema_model." + k: v for k, v in sd.items()},

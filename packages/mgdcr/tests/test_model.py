@@ -85,7 +85,7 @@ def test_official_paper_keys_all_map(ref_dir):
 
 
 def test_official_tiny_outputs(ref_dir):
-    d = torch.load(ref_dir / "official_tiny.pt", weights_only=False)["beatgans_autoenc_tiny"]
+    d = torch.load(ref_dir / "official_tiny.pt", weights_only=True)["beatgans_autoenc_tiny"]
     m = DiffAE(config_from_official(d["constructor"])).eval()
     assert _count(m) == d["num_params"]
     state, unmapped = convert_state_dict(d["state_dict"], m)
@@ -102,7 +102,7 @@ def test_official_tiny_outputs(ref_dir):
 
 
 def test_lightning_prefixes_convert(ref_dir):
-    d = torch.load(ref_dir / "official_tiny.pt", weights_only=False)["beatgans_autoenc_tiny"]
+    d = torch.load(ref_dir / "official_tiny.pt", weights_only=True)["beatgans_autoenc_tiny"]
     m = DiffAE(config_from_official(d["constructor"]))
     sd = d["state_dict"]
     light = {

@@ -85,7 +85,7 @@ def workdir(tmp_path, monkeypatch):
 
         import torch
 
-        d = torch.load(REF, weights_only=False)["beatgans_autoenc_tiny"]
+        d = torch.load(REF, weights_only=True)["beatgans_autoenc_tiny"]
         ckpt = {
             "state_dict": {"ema_model." + k: v for k, v in d["state_dict"].items()},
             "hyper_parameters": {"conf": OfficialConf(**d["constructor"])},

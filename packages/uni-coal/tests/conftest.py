@@ -26,7 +26,7 @@ def tiny_fixture():
     path = REF / "official_tiny.pt"
     if not path.is_file():
         pytest.skip(f"reference fixture {path} absent")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="session")
