@@ -229,3 +229,17 @@ def test_bucket_loader_shards_each_global_batch_over_ranks():
         assert not set(ia) & set(ib)
     with pytest.raises(ValueError, match="bucket 1"):
         BucketLoader(ds, buckets, {0: 3, 1: 7}, world_size=2, rank=0)
+
+
+def test_checkpoint_step_saves_when_due_or_stopping_once():
+    import signal
+
+    from medsynth_core.training import PreemptionGuard
+
+    saved = []
+    with PreemptionGuard() as stop:
+        assert stop.checkpoint_step(1, 2, 5, saved.append) is False and saved == []
+        assert stop.checkpoint_step(2, 2, 5, saved.append) is False and saved == [2]
+        stop._handle(signal.SIGTERM, None)
+        assert stop.checkpoint_step(3, 2, 5, saved.append) is True and saved == [2, 3]
+        assert stop.checkpoint_step(4, 2, 5, saved.append) is True and saved == [2, 3, 4]  # due: saved once

@@ -269,12 +269,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="biflownet"
                     )
-                saved = T.due(step + 1, tc.ckpt_every, tc.steps)
-                if saved:
-                    save(step + 1)
-                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
-                    if not saved:
-                        save(step + 1)
+                if stop.checkpoint_step(step + 1, tc.ckpt_every, tc.steps, save):  # SIGTERM: this step saved, leave
                     preempted, end = stop.signal_name, step + 1
                     break
         D.barrier()

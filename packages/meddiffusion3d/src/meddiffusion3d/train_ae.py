@@ -186,12 +186,7 @@ def train_ae(
                         titles=["input", "reconstruction"],
                         value_range=(-1.0, 1.0),
                     )
-                saved = T.due(step + 1, sc.ckpt_every, sc.steps)
-                if saved:
-                    save(step + 1)
-                if stop.should_stop():  # SIGTERM (preemption): checkpoint this step, leave on every rank
-                    if not saved:
-                        save(step + 1)
+                if stop.checkpoint_step(step + 1, sc.ckpt_every, sc.steps, save):  # SIGTERM: this step saved, leave
                     preempted, end = stop.signal_name, step + 1
                     break
         D.barrier()

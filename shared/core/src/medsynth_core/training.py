@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -483,6 +483,18 @@ class PreemptionGuard:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item() > 0)
         return flag
+
+    def checkpoint_step(self, done: int, every: int, total: int, save: Callable[[int], Any]) -> bool:
+        """End of step ``done``: ``save(done)`` when :func:`due` or when stopping (once); True when the loop
+        must leave (every rank at the same step)."""
+        saved = due(done, every, total)
+        if saved:
+            save(done)
+        if not self.should_stop():
+            return False
+        if not saved:
+            save(done)
+        return True
 
     @property
     def signal_name(self) -> str:
