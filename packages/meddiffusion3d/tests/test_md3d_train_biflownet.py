@@ -292,6 +292,7 @@ def test_deterministic_ddp_equals_one_process(tmp_path):
     import subprocess
 
     from medsynth_core.distributed import torchrun_command
+    from medsynth_core.testing import state_dict_mismatch
 
     (tmp_path / "lat").mkdir()
     _latents(tmp_path / "lat", n=8)
@@ -311,15 +312,10 @@ def test_deterministic_ddp_equals_one_process(tmp_path):
                         / "step_00000003.pt", kind=KIND)  # fmt: skip
     c = load_checkpoint(latest_checkpoint(plain), kind=KIND)
 
-    def off(x, y):  # share of elements outside rtol 1e-4 / atol 1e-5, and the largest difference
-        pairs = [(v, y[k]) for k, v in x.items() if v.is_floating_point()]
-        n = sum(int(((v - w).abs() > 1e-5 + 1e-4 * w.abs()).sum()) for v, w in pairs)
-        return n / sum(v.numel() for v, _ in pairs), max(float((v - w).abs().max()) for v, w in pairs)
-
     lr = one.train.lr
     for name, x, y in (("model", a["models"]["model"], b["models"]["model"]),
                        ("ema", a["emas"]["ema"]["module"], b["emas"]["ema"]["module"])):  # fmt: skip
-        frac, worst = off(x, y)
+        frac, worst = state_dict_mismatch(x, y)
         assert frac <= 1e-3 and worst <= 0.5 * lr, (name, frac, worst)
-    frac, worst = off(a["models"]["model"], c["models"]["model"])
+    frac, worst = state_dict_mismatch(a["models"]["model"], c["models"]["model"])
     assert frac > 0.1 and worst > lr, (frac, worst)

@@ -94,3 +94,12 @@ def bad_checkpoint_files(folder: str | os.PathLike, good: str | os.PathLike | No
         (folder / "cut.pt").write_bytes(data[: len(data) // 2])
         out["cut_ckpt"] = folder / "cut.pt"
     return out
+
+
+def state_dict_mismatch(a, b, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[float, float]:
+    """Share of the floating-point elements of state dict ``a`` outside ``rtol``/``atol`` of ``b`` (same
+    keys), and the largest absolute difference: compares two training runs that should agree (issue 18's
+    deterministic DDP tests), where Adam may turn a few rounding-level gradients into full steps."""
+    pairs = [(v.float(), b[k].float()) for k, v in a.items() if v.is_floating_point()]
+    n = sum(int(((v - w).abs() > atol + rtol * w.abs()).sum()) for v, w in pairs)
+    return n / sum(v.numel() for v, _ in pairs), max(float((v - w).abs().max()) for v, w in pairs)
