@@ -47,3 +47,40 @@ def test_demo_summary_lines_name_ours_and_best_baseline():
     assert lines[0].startswith("sr: ours 20.00 dB") and "(-1.00)" in lines[0]
     assert lines[1].startswith("cms: ") and "(+6.00)" in lines[1]
     assert demo.heldout_lines({"train": {}}) == ["no held-out block in metrics.json"]
+
+
+def _tools_demo():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import demo
+    finally:
+        sys.path.pop(0)
+    return demo
+
+
+def test_demo_schedule_pairs_one_thread_demos_in_order():
+    demo = _tools_demo()
+    assert demo.schedule([1, 1, 2, 2, 2], cores=2) == [[0, 1], [2], [3], [4]]
+    assert demo.schedule([1, 1, 2, 2, 2], cores=1) == [[0], [1], [2], [3], [4]]
+    assert demo.schedule([1, 2, 1, 1, 1], cores=2) == [[0], [1], [2, 3], [4]]  # never reorders
+    assert demo.schedule([1, 1, 2, 2, 2], cores=6) == [[0, 1, 2, 3], [4]]
+
+
+def test_declared_demo_threads_match_the_recipes():
+    """tools/demo.py runs demos side by side from ``demo_threads``: it must be the threads the recipe uses."""
+    from drdm.demo import demo_config as drdm_demo
+    from fda_vae.demo import demo_config as fda_demo
+    from meddiffusion3d.learn import learn_config
+    from uni_coal.demo import RECIPE
+
+    demo = _tools_demo()
+    declared = {p.name: demo.demo_threads(p) for p in demo.select(None)}
+    cfg = learn_config()
+    actual = {
+        "drdm": drdm_demo().train.threads,
+        "fda-vae": fda_demo().train.threads,
+        "meddiffusion3d": cfg.train.threads or cfg.run.threads,
+        "mgdcr": 2,  # sets no threads: the OMP_NUM_THREADS=2 tools/demo.py gives it
+        "uni-coal": int(next(o for o in RECIPE if o.startswith("train.threads=")).split("=")[1]),
+    }
+    assert declared == actual

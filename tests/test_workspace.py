@@ -76,3 +76,16 @@ def test_help_imports_no_torch(pkg):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY=\n" in proc.stdout, f"{pkg.name} --help imports {proc.stdout.split('HEAVY=')[-1].strip()}"
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_config_by_bundled_name(pkg):
+    """``--config demo`` / ``--config paper`` name the bundled YAMLs in every package (issue 17); an unknown
+    name exits 2 with one line listing the bundled names."""
+    run = [sys.executable, "-m", f"{pkg.import_name}.cli", "summary", "--config"]
+    ok = subprocess.run([*run, "demo"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = subprocess.run([*run, "nope"], capture_output=True, text=True, timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
+    assert "--config nope" in lines[0] and "demo" in lines[0] and "paper" in lines[0]

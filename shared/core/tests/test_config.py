@@ -171,3 +171,18 @@ def test_folder_given_to_a_phantom_source_is_refused():
     assert (ok.data.source, ok.data.root, ok.syn.synthetic) == ("folder", "/x", False)
     assert load_config(DataCfg, None, ["other.root=/x"]).other.root == "/x"  # default non-empty: not judged
     assert load_config(DataCfg, None, []).data.root == ""
+
+
+def test_config_file_resolves_bundled_names(tmp_path):
+    from medsynth_core.config import ConfigError, config_file
+
+    pkg = tmp_path / "pkg"
+    (pkg / "configs").mkdir(parents=True)
+    (pkg / "configs" / "demo.yaml").write_text("a: 1\n")
+    (pkg / "configs" / "paper.yaml").write_text("a: 2\n")
+    module = pkg / "cli.py"
+    assert config_file("demo", module) == pkg / "configs" / "demo.yaml"
+    assert config_file("some/where.yaml", module) == "some/where.yaml"  # paths unchanged
+    assert config_file(None, module) is None
+    with pytest.raises(ConfigError, match=r"--config nope: .*bundled: demo, paper"):
+        config_file("nope", module)

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from medsynth_core.config import (
     ConfigError,
     bundled_configs,
+    config_file,
     config_from_dict,
     load_config,
     read_yaml,
@@ -168,8 +169,7 @@ CONFIG_DIR = bundled_configs(__file__)
 
 def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> DRDMConfig:
     """Our YAML, ``demo``/``paper`` (the packaged configs) or an **official** YAML (``Config/config_*.yaml``)."""
-    if path is not None and str(path) in ("demo", "paper"):
-        path = CONFIG_DIR / f"{path}.yaml"
+    path = config_file(path, __file__)
     if path is not None and is_official_yaml(read_yaml(path)):
         return from_official(read_yaml(path), overrides, source=str(path))
     return load_config(DRDMConfig, path, list(overrides))

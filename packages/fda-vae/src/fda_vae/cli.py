@@ -23,11 +23,11 @@ def _print(obj: Any) -> None:
 
 
 def _load_cfg(path: str | None, overrides: Sequence[str] = ()):
-    from medsynth_core.config import load_config
+    from medsynth_core.config import config_file, load_config
 
     from .config import Config
 
-    return load_config(Config, path, list(overrides))
+    return load_config(Config, config_file(path, __file__), list(overrides))
 
 
 AMP_CHOICES = ("off", "bf16", "fp16")

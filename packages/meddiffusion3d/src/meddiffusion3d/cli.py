@@ -20,12 +20,12 @@ DESCRIPTION = "3D MedDiffusion: patch-volume VQ autoencoder, BiFlowNet latent di
 
 
 def _load_cfg(args: argparse.Namespace, amp_key: str | None = None):
-    from medsynth_core.config import load_config
+    from medsynth_core.config import config_file, load_config
 
     from .config import Config
 
     extra = [f"{amp_key}={args.amp}"] if amp_key and getattr(args, "amp", None) else []
-    return load_config(Config, args.config, [*args.overrides, *extra])
+    return load_config(Config, config_file(args.config, __file__), [*args.overrides, *extra])
 
 
 def _amp_arg(p: argparse.ArgumentParser, key: str) -> None:

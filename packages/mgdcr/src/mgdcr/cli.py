@@ -25,11 +25,11 @@ DESCRIPTION = (
 
 
 def _load_cfg(args: argparse.Namespace):
-    from medsynth_core.config import load_config
+    from medsynth_core.config import config_file, load_config
 
     from .config import Config
 
-    return load_config(Config, args.config, args.overrides)
+    return load_config(Config, config_file(args.config, __file__), args.overrides)
 
 
 # ------------------------------------------------------------------------------------------------ train

@@ -25,12 +25,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(args: argparse.Namespace):
-    from medsynth_core.config import ConfigError, load_config
+    from medsynth_core.config import ConfigError, config_file, load_config
 
     from .config import Config
 
     try:
-        return load_config(Config, args.config, args.overrides)
+        return load_config(Config, config_file(args.config, __file__), args.overrides)
     except ConfigError as exc:
         raise UserError(str(exc)) from exc
 

@@ -48,7 +48,7 @@ class Verb:
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--config C`` plus trailing ``key.sub=value`` overrides."""
-    parser.add_argument("--config", required=required, help="YAML config (see the package's configs/)")
+    parser.add_argument("--config", required=required, help="YAML config: a path, or the name of a bundled one (demo, paper; see the package's configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.lr=2e-4 data.root=/data/x")
 

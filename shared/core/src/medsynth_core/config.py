@@ -315,3 +315,22 @@ def bundled_configs(package_file: str | os.PathLike) -> Path:
         f"no configs folder found for {here.name} (looked in {', '.join(str(c) for c in candidates)}); "
         "reinstall the package or pass --config explicitly"
     )
+
+
+def config_file(value: str | os.PathLike | None, package_file: str | os.PathLike) -> str | os.PathLike | None:
+    """A ``--config`` value as a path: a bare name (``demo``, ``paper``, ...) is that YAML of the package's
+    bundled ``configs/`` (issue 17: the same shorthand in every package); a path is returned unchanged.
+
+    A bare name that is neither an existing file nor a bundled config is refused, naming the bundled ones."""
+    if value is None:
+        return None
+    text = str(value)
+    if "/" in text or os.sep in text or text.endswith((".yaml", ".yml")) or Path(text).exists():
+        return value
+    folder = bundled_configs(package_file)
+    candidate = folder / f"{text}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise ConfigError(f"--config {text}: no such file and no bundled config of that name; bundled: "
+                      f"{', '.join(names)} (or give the path of a YAML file)")
