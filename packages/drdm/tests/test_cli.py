@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from drdm.cli import main
-from drdm.train import load_network
+from drdm.infer import load_network
 
 
 def test_summary(capsys):

@@ -19,7 +19,7 @@ import pytest
 
 from drdm.demo import HELDOUT_CASES, LEVELS, MARGINS, demo_config, rescore_augment, rescore_fields, run_demo
 from drdm.downstream import SegSettings, run_downstream
-from drdm.train import load_network
+from drdm.infer import load_network
 from medsynth_core.checkpoint import CheckpointManager
 from medsynth_core.heldout import rescore
 

@@ -18,8 +18,7 @@ import torch
 from drdm.convert import convert_official
 from drdm.data import to_tensor_layout
 from drdm.evaluate import deformation_metrics
-from drdm.infer import augment_units
-from drdm.train import load_network
+from drdm.infer import augment_units, load_network
 from medsynth_core.io import read_image
 
 SEEDS = (0, 1, 2)

@@ -10,7 +10,8 @@ import torch
 from drdm.config import load
 from drdm.data import build_dataset
 from drdm.demo import heldout_images
-from drdm.train import load_network, lr_at, train
+from drdm.infer import load_network
+from drdm.train import lr_at, train
 from medsynth_core.checkpoint import load_checkpoint
 from medsynth_core.phantoms import labelled_anatomy
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from drdm.config import load
+from drdm.infer import load_network
 from drdm.model import sinusoid_table
-from drdm.train import load_network, train
+from drdm.train import train
 from medsynth_core.checkpoint import CheckpointError, atomic_torch_save, build_checkpoint, load_checkpoint
 from medsynth_core.distributed import torchrun_command
 

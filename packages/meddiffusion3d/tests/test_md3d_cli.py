@@ -258,7 +258,7 @@ def test_convert_official_checkpoint_reproduces_fixture(tmp_path):
     sd["perceptual_loss.perceptual_model.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
     torch.save({"state_dict": sd, "hyper_parameters": cons, "global_step": 7}, tmp_path / "official.ckpt")
     assert main(["convert-official", str(tmp_path / "official.ckpt"), str(tmp_path / "ours.pt")]) == 0
-    from meddiffusion3d.train_ae import load_autoencoder
+    from meddiffusion3d.infer import load_autoencoder
 
     ae, cfg, ck = load_autoencoder(tmp_path / "ours.pt")
     assert ck["step"] == 7 and ck["extra"]["ignored"] == [
@@ -290,7 +290,7 @@ def test_generation_metrics_checklist_13():
 def test_convert_official_biflownet_checkpoint_reproduces_fixture(tmp_path, capsys):
     import argparse
 
-    from meddiffusion3d.train import load_biflownet
+    from meddiffusion3d.infer import load_biflownet
 
     fx = tiny_fixture()["biflownet"]
     c = fx["constructor"]

@@ -177,7 +177,7 @@ def test_multi_resolution_buckets_train_resume_and_sample_each_grid(tmp_path):
     grids."""
     from meddiffusion3d.biflownet import resolution_code
     from meddiffusion3d.config import build_diffusion
-    from meddiffusion3d.train import load_biflownet
+    from meddiffusion3d.infer import load_biflownet
     from medsynth_core.training import BucketLoader
 
     lat = tmp_path / "lat"

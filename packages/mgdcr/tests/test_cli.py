@@ -55,7 +55,7 @@ def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
         == 0
     )
     assert "x_T" in capsys.readouterr().out
-    from mgdcr.train import load_prior
+    from mgdcr.infer import load_prior
 
     model, cfg = load_prior(tmp_path / "ours.pt")
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_convert_official_pickled_hyper_parameters(tmp_path, ref_dir, capsys):
     assert not (tmp_path / "ours.pt").exists()
     with pytest.warns(RuntimeWarning, match="full pickle"):
         assert main([*args, "--trust-pickle"]) == 0
-    from mgdcr.train import load_prior
+    from mgdcr.infer import load_prior
 
     model, _ = load_prior(tmp_path / "ours.pt")
     with torch.no_grad():

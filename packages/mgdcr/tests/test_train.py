@@ -16,7 +16,8 @@ from medsynth_core.distributed import torchrun_command
 from medsynth_core.io import MedicalImage, write_image
 from mgdcr.config import Config, DataConfig
 from mgdcr.data import SliceDataset, build_datasets, load_cine, normalise_cine, subject_split
-from mgdcr.train import load_prior, train
+from mgdcr.infer import load_prior
+from mgdcr.train import train
 
 PKG = Path(__file__).resolve().parents[1]
 MICRO = PKG / "configs" / "micro.yaml"

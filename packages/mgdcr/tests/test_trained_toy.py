@@ -13,8 +13,8 @@ from mgdcr.config import Config, InverseConfig
 from mgdcr.data import phantom_volumes
 from mgdcr.demo import phantom_case
 from mgdcr.diffusion import GaussianDiffusion
-from mgdcr.infer import DiffAEPrior, reconstruct
-from mgdcr.train import load_prior, train
+from mgdcr.infer import DiffAEPrior, load_prior, reconstruct
+from mgdcr.train import train
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "micro.yaml"
 

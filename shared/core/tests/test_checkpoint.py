@@ -160,3 +160,26 @@ def test_manager_resume_picks_source_and_restores(tmp_path):
     assert step == 3 and mgr.resume_source("x.pt") == Path("x.pt")
     with pytest.raises(CheckpointError, match="toy"):
         mgr.resume(None, "other", models={"m": target})  # foreign kind is an error, not a silent resume
+
+
+def test_manager_saver_builds_and_saves_the_live_state(tmp_path):
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    save = mgr.saver("unit", models={"net": net}, optimizers={"opt": opt}, config={"a": 1}, extra={"e": 2})
+    assert CheckpointManager(tmp_path / "other").saver("unit", main=False, models={"net": net})(1) is None
+    assert not (tmp_path / "other").exists()  # non-main ranks write nothing
+    for step in (1, 2, 3):
+        net(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        path = save(step)
+    assert [p.name for p in mgr.list()] == ["step_00000002.pt", "step_00000003.pt"]
+    best = save(3, name="best.pt")
+    ck = torch.load(path, weights_only=False)
+    assert ck["kind"] == "unit" and ck["step"] == 3 and ck["extra"] == {"e": 2} and ck["config"] == {"a": 1}
+    assert torch.equal(ck["models"]["net"]["weight"], net.weight.detach())  # the state at save time
+    assert best.name == "best.pt" and (tmp_path / "config.yaml").is_file()
+    net2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.Adam(net2.parameters(), lr=0.1)
+    step, _ = mgr.resume(None, "unit", models={"net": net2}, optimizers={"opt": opt2})
+    assert step == 3 and torch.equal(net2.weight, net.weight)

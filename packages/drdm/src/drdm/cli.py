@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _net_and_cfg(args: argparse.Namespace):
     from .config import load
-    from .train import load_network
+    from .infer import load_network
 
     cfg = load(args.config, args.overrides) if args.config else None
     net, ckpt_cfg = load_network(args.checkpoint, cfg)

@@ -40,8 +40,8 @@ from medsynth_core.viz import label_overlay, save_grid, to_uint8
 from .config import DRDMConfig, build_diffusion, load
 from .deform import warp
 from .evaluate import forward_level_stats
-from .infer import augment_units
-from .train import load_network, train
+from .infer import augment_units, load_network
+from .train import train
 
 HELDOUT_SEED = 10_000  # held-out phantom seeds start here (training phantoms: 0 .. data.phantom_count - 1)
 HELDOUT_CASES = 8  # held-out phantoms per recovery level

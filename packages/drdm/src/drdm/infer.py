@@ -12,15 +12,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medsynth_core import checkpoint as C
 from medsynth_core.cli import UserError
 from medsynth_core.io import MedicalImage, MedicalIOError, read_image, warn_if_constant, write_image
 
-from .config import DRDMConfig, build_diffusion
+from .config import DRDMConfig, build_diffusion, build_network
 from .data import is_dicom_series, list_inputs, minmax, read_input, resize, to_tensor_layout
 from .deform import DeformationDiffusion, compose, warp
 
 log = logging.getLogger("drdm.infer")
 LABEL_MODES = ("nearest", "linear_onehot_argmax", "image")
+KIND = "drdm"  # checkpoint kind of our trained network
+
+
+def load_network(path: str | Path, cfg: DRDMConfig | None = None, map_location: str = "cpu"):
+    """Network (eval mode) and config from one of our checkpoints; the config saved in it wins."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=KIND, map_location=map_location)
+    if ckpt.get("config") is not None:
+        cfg = config_from_dict(DRDMConfig, ckpt["config"], source=f"{path} [config]")
+    if cfg is None:
+        raise UserError(f"{path}: holds no config; pass --config")
+    net = build_network(cfg)
+    C.load_module_state(net, ckpt["models"]["network"], source=str(path))
+    return net.eval(), cfg
 
 
 def one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:

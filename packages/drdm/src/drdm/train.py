@@ -18,9 +18,8 @@ from medsynth_core.viz import save_grid
 from .config import DRDMConfig, build_diffusion, build_network
 from .data import TrainAugment, build_dataset
 from .deform import warp
+from .infer import KIND
 from .losses import drdm_loss
-
-KIND = "drdm"
 
 
 def _device(name: str) -> str | None:
@@ -92,16 +91,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
         last: dict[str, float] = {}
         preempted = None
 
-        def save(done: int) -> None:
-            mgr.save(
-                C.build_checkpoint(
-                    kind=KIND,
-                    step=done,
-                    models={"network": net},
-                    optimizers={"adam": opt},
-                    config=config_to_dict(cfg),
-                )
-            )
+        save = mgr.saver(KIND, models={"network": net}, optimizers={"adam": opt}, config=config_to_dict(cfg))
 
         with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             for step, x0 in T.progress(
@@ -163,17 +153,3 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
             "run_dir": str(run.path),
             **{k: float(v) for k, v in last.items()},
         }
-
-
-def load_network(path: str | Path, cfg: DRDMConfig | None = None, map_location: str = "cpu"):
-    """Network (eval mode) and config from one of our checkpoints; the config saved in it wins."""
-    from medsynth_core.config import config_from_dict
-
-    ckpt = C.load_checkpoint(path, kind=KIND, map_location=map_location)
-    if ckpt.get("config") is not None:
-        cfg = config_from_dict(DRDMConfig, ckpt["config"], source=f"{path} [config]")
-    if cfg is None:
-        raise UserError(f"{path}: holds no config; pass --config")
-    net = build_network(cfg)
-    C.load_module_state(net, ckpt["models"]["network"], source=str(path))
-    return net.eval(), cfg

@@ -90,8 +90,7 @@ def _encode_args(p: argparse.ArgumentParser) -> None:
 def _encode(args: argparse.Namespace) -> int:
     from medsynth_core.atomic import check_output_path
 
-    from .infer import encode_files
-    from .train_ae import load_autoencoder
+    from .infer import encode_files, load_autoencoder
 
     check_output_path(args.out, what="--out")  # before loading anything (issue 18)
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
@@ -111,8 +110,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
 def _decode(args: argparse.Namespace) -> int:
     from medsynth_core.atomic import check_output_path
 
-    from .infer import decode_files
-    from .train_ae import load_autoencoder
+    from .infer import decode_files, load_autoencoder
 
     check_output_path(args.out, what="--out")
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
@@ -256,7 +254,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     summary: dict = {}
     rows: list = []
     if args.checkpoint:
-        from .train_ae import load_autoencoder
+        from .infer import load_autoencoder
 
         ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
         if args.data:

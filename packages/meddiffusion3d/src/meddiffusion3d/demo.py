@@ -24,8 +24,8 @@ from medsynth_core.viz import save_volume_views
 from .config import Config
 from .encode import LatentNorm
 from .evaluate import evaluate_reconstruction
-from .infer import decode_files, encode_files
-from .train_ae import latest_checkpoint, load_autoencoder, train_ae
+from .infer import decode_files, encode_files, load_autoencoder
+from .train_ae import latest_checkpoint, train_ae
 
 DEMO_CONFIG = bundled_configs(__file__) / "demo.yaml"
 

@@ -18,9 +18,7 @@ from .biflownet import BiFlowNet, resolution_code
 from .config import Config, build_diffusion
 from .diffusion import GaussianDiffusion, randn
 from .encode import LatentNorm, decode_latent
-from .infer import from_model_range
-from .train import load_biflownet
-from .train_ae import load_autoencoder
+from .infer import from_model_range, load_autoencoder, load_biflownet
 
 
 def latent_shape_for(shape: Sequence[int], ae_downsample: int, model: BiFlowNet) -> tuple[int, int, int]:

@@ -13,18 +13,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsynth_core import checkpoint as C
 from medsynth_core import io as mio
 from medsynth_core.checkpoint import atomic_torch_save
 from medsynth_core.cli import UserError
 from medsynth_core.viz import save_grid, save_volume_views
 
 from .autoencoder import PatchVolumeAE
-from .config import Config, DataConfig
+from .config import Config, DataConfig, build_autoencoder, build_biflownet
 from .data import list_volumes, load_volume
 from .encode import LatentNorm, decode_latent, patch_encode
 
 log = logging.getLogger("meddiffusion3d")
 LATENT_FORMAT = "meddiffusion3d-latent"
+AE_KIND = "meddiffusion3d-ae"  # checkpoint kinds of the two training stages
+BIFLOWNET_KIND = "meddiffusion3d-biflownet"
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
+    """(ae, cfg, ckpt) from a medsynth AE checkpoint (training or ``convert-official``), eval mode."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=AE_KIND, map_location=device)
+    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
+    ae = build_autoencoder(cfg.ae)
+    stage = int((ckpt.get("extra") or {}).get("stage", 1))
+    C.load_module_state(ae, ckpt["models"]["ae"], source=f"{path} [ae]")
+    ae.set_stage(stage)
+    return ae.to(device).eval(), cfg, ckpt
+
+
+def load_biflownet(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
+    """(model, cfg, ckpt) from a ``train`` or ``convert-official`` BiFlowNet checkpoint, eval mode."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=BIFLOWNET_KIND, map_location=device)
+    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
+    model = build_biflownet(cfg.biflownet)
+    ema = (ckpt.get("emas") or {}).get("ema")
+    state = ema["module"] if use_ema and ema else ckpt["models"]["model"]
+    C.load_module_state(model, state, source=f"{path} [{'ema' if use_ema and ema else 'model'}]")
+    return model.to(device).eval(), cfg, ckpt
 
 
 def from_model_range(y: np.ndarray, cfg: DataConfig) -> np.ndarray:

@@ -90,7 +90,8 @@ def nearest_centroid(train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tens
 def _ae_stage(out: Path, cfg: Config) -> tuple[dict, Path]:
     from .encode import patch_encode
     from .evaluate import reconstruct
-    from .train_ae import latest_checkpoint, load_autoencoder, train_ae
+    from .infer import load_autoencoder
+    from .train_ae import latest_checkpoint, train_ae
 
     t0 = time.perf_counter()
     train_ae(cfg, 1)
@@ -163,8 +164,7 @@ def _last_log(cfg: Config, sub: str, key: str) -> float | None:
 def _cache_latents(out: Path, cfg: Config, ae_ckpt: Path) -> tuple[Path, Path, dict]:
     from medsynth_core.phantoms import classed_volumes
 
-    from .infer import encode_files
-    from .train_ae import load_autoencoder
+    from .infer import encode_files, load_autoencoder
 
     cv = classed_volumes(
         cfg.data.n_volumes, cfg.data.volume, n_classes=cfg.data.n_classes, seed=cfg.data.phantom_seed
@@ -269,7 +269,7 @@ def _generate_stage(out: Path, cfg: Config, bf_ckpt: Path, lat_dir: Path) -> dic
 # ------------------------------------------------------------------------------------------ controlnet
 def _controlnet_stage(out: Path, cfg: Config, base_overrides: list[str], bf_ckpt: Path, ae_ckpt: Path):
     from .evaluate import reconstruct
-    from .train_ae import load_autoencoder
+    from .infer import load_autoencoder
     from .train_controlnet import Restorer, simulate, train_controlnet
     from .train_controlnet import latest_checkpoint as latest_cn
 

@@ -28,9 +28,9 @@ from . import precision as P
 from .biflownet import CLASS_NAMES, resolution_code
 from .config import Config, bucket_shape, build_biflownet, build_diffusion
 from .diffusion import ModelEMA
+from .infer import BIFLOWNET_KIND as KIND
 from .infer import read_latent
 
-KIND = "meddiffusion3d-biflownet"
 log = logging.getLogger("meddiffusion3d")
 PACKAGE = "meddiffusion3d"
 
@@ -155,19 +155,6 @@ def draw_generators(cfg, step: int, local_batch: int, rank: int, device: torch.d
     return step_generator(cfg.run.seed, step, rank, device)
 
 
-def load_biflownet(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True):
-    """(model, cfg, ckpt) from a ``train`` or ``convert-official`` BiFlowNet checkpoint, eval mode."""
-    from medsynth_core.config import config_from_dict
-
-    ckpt = C.load_checkpoint(path, kind=KIND, map_location=device)
-    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
-    model = build_biflownet(cfg.biflownet)
-    ema = (ckpt.get("emas") or {}).get("ema")
-    state = ema["module"] if use_ema and ema else ckpt["models"]["model"]
-    C.load_module_state(model, state, source=f"{path} [{'ema' if use_ema and ema else 'model'}]")
-    return model.to(device).eval(), cfg, ckpt
-
-
 def _bucket_batches(tc, grids: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], int]:
     """Per-process batch of every latent grid: ``train.bucket_batch["DxHxW"]``, else ``train.batch``."""
     given = {bucket_shape(k): int(v) for k, v in tc.bucket_batch.items()}
@@ -232,20 +219,16 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
             "autoencoder": tc.autoencoder,
         }
 
-        def save(step_done: int) -> None:
-            if info.is_main:
-                mgr.save(
-                    C.build_checkpoint(
-                        kind=KIND,
-                        step=step_done,
-                        models={"model": model},
-                        optimizers={"opt": opt},
-                        emas={"ema": ema},
-                        scaler=scaler,
-                        config=ckpt_cfg,
-                        extra=extra,
-                    )
-                )
+        save = mgr.saver(
+            KIND,
+            main=info.is_main,
+            models={"model": model},
+            optimizers={"opt": opt},
+            emas={"ema": ema},
+            scaler=scaler,
+            config=ckpt_cfg,
+            extra=extra,
+        )
 
         model.train()
         preempted, end = None, tc.steps

@@ -23,10 +23,10 @@ from . import precision as P
 from .config import Config, build_autoencoder, build_discriminator
 from .data import PatchDataset, VolumeSource, WholeVolumeDataset
 from .discriminator import DiscriminatorPair
+from .infer import AE_KIND as KIND
 from .losses import AELoss
 
 log = logging.getLogger("meddiffusion3d")
-KIND = "meddiffusion3d-ae"
 PACKAGE = "meddiffusion3d"
 
 
@@ -38,19 +38,6 @@ def latest_checkpoint(cfg: Config, stage: int) -> Path | None:
     return C.CheckpointManager(
         Path(cfg.run.root) / PACKAGE / cfg.run.name / f"stage{stage}" / "checkpoints"
     ).latest()
-
-
-def load_autoencoder(path: str | Path, device: str | torch.device = "cpu"):
-    """(ae, cfg, ckpt) from a medsynth AE checkpoint (training or ``convert-official``), eval mode."""
-    from medsynth_core.config import config_from_dict
-
-    ckpt = C.load_checkpoint(path, kind=KIND, map_location=device)
-    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
-    ae = build_autoencoder(cfg.ae)
-    stage = int((ckpt.get("extra") or {}).get("stage", 1))
-    C.load_module_state(ae, ckpt["models"]["ae"], source=f"{path} [ae]")
-    ae.set_stage(stage)
-    return ae.to(device).eval(), cfg, ckpt
 
 
 def _stage_cfg(cfg: Config, stage: int):
@@ -123,18 +110,14 @@ def train_ae(
         if info.is_main:
             save_config(cfg, run.config)  # the resolved config beside the checkpoints
 
-        def save(step_done: int) -> None:
-            if info.is_main:
-                mgr.save(
-                    C.build_checkpoint(
-                        kind=KIND,
-                        step=step_done,
-                        models={"ae": ae, "disc": disc},
-                        optimizers={"opt_ae": opt_ae, "opt_d": opt_d},
-                        config=ckpt_cfg,
-                        extra={"stage": stage},
-                    )
-                )
+        save = mgr.saver(
+            KIND,
+            main=info.is_main,
+            models={"ae": ae, "disc": disc},
+            optimizers={"opt_ae": opt_ae, "opt_d": opt_d},
+            config=ckpt_cfg,
+            extra={"stage": stage},
+        )
 
         ae.train()
         disc.train()

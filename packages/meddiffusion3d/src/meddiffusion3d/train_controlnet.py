@@ -164,18 +164,14 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
             "latent_norm": [gen.norm.lo, gen.norm.hi],
         }
         m.train()
-        def save(step_done: int) -> None:
-            if info.is_main:
-                mgr.save(
-                    C.build_checkpoint(
-                        kind=KIND,
-                        step=step_done,
-                        models={"controlnet": m.controlnet},
-                        optimizers={"opt": opt},
-                        config=ckpt_cfg,
-                        extra=extra,
-                    )
-                )
+        save = mgr.saver(
+            KIND,
+            main=info.is_main,
+            models={"controlnet": m.controlnet},
+            optimizers={"opt": opt},
+            config=ckpt_cfg,
+            extra=extra,
+        )
 
         preempted, end = None, cc.steps
         with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:

@@ -66,8 +66,7 @@ def _encode(args: argparse.Namespace) -> int:
     from medsynth_core.distributed import resolve_device
 
     from .diffusion import GaussianDiffusion
-    from .infer import DiffAEPrior
-    from .train import load_prior
+    from .infer import DiffAEPrior, load_prior
 
     check_output_path(args.out, folder=False, what="--out")  # before loading anything (issue 18)
     dev = resolve_device(args.device)
@@ -233,8 +232,16 @@ def _reconstruct(args: argparse.Namespace) -> int:
     from .config import Config
     from .diffusion import GaussianDiffusion
     from .geometry import dhw_to_ijk_affine
-    from .infer import EX10, DiffAEPrior, kept_slices, linear_interp_z, output_affine, reconstruct, save_panel
-    from .train import load_prior
+    from .infer import (
+        EX10,
+        DiffAEPrior,
+        kept_slices,
+        linear_interp_z,
+        load_prior,
+        output_affine,
+        reconstruct,
+        save_panel,
+    )
 
     check_output_path(args.out, what="--out")  # before loading anything (issue 18)
     dev = resolve_device(args.device)

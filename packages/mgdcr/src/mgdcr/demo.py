@@ -192,8 +192,8 @@ def run_demo(
     from .diffusion import GaussianDiffusion
     from .evaluate import bloodpool_dice, psnr3d, slice_metrics
     from .geometry import dhw_to_ijk_affine
-    from .infer import DiffAEPrior, linear_interp_z, reconstruct
-    from .train import load_prior, train
+    from .infer import DiffAEPrior, linear_interp_z, load_prior, reconstruct
+    from .train import train
 
     t0 = time.time()
     out = Path(out)

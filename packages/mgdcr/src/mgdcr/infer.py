@@ -1,6 +1,6 @@
 """Inverse optimisation (spec §3): encode SAX slices, seed the dense grid, optimise (x_T, z_sem) of every dense
 slice through the differentiable DDIM decoder against LAX consistency + latent pull + through-plane
-smoothness, and write the dense volume."""
+smoothness, and write the dense volume; :func:`load_prior` loads a trained prior (never importing training)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,36 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .config import InverseConfig
+from medsynth_core import checkpoint as C
+
+from .config import Config, InverseConfig
 from .diffusion import GaussianDiffusion
 from .geometry import DenseGrid, LaxPlane, plane_to_grid, sample_plane
 from .losses import latent_loss, lax_volume_loss, smoothness_loss
 from .model import DiffAE
 
 log = logging.getLogger("mgdcr")
+
+
+PRIOR_KIND = "mgdcr"  # checkpoint kind of the DiffAE prior (and its latent DDIM)
+
+
+def load_prior(
+    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[DiffAE, Config]:
+    """Model (EMA weights by default, spec §1.2) and its config from a medsynth checkpoint."""
+    from medsynth_core.config import config_from_dict
+
+    ckpt = C.load_checkpoint(path, kind=PRIOR_KIND)
+    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
+    model = DiffAE(cfg.model)
+    emas = ckpt.get("emas") or {}
+    if use_ema and "ema" in emas:
+        C.load_module_state(model, emas["ema"]["module"], source=f"{path} [ema]")
+    else:
+        C.load_module_state(model, ckpt["models"]["model"], source=f"{path} [model]")
+    return model.to(device).eval(), cfg
+
 
 
 # --------------------------------------------------------------------------------------------- seeds

@@ -17,26 +17,9 @@ from medsynth_core.config import config_to_dict, save_config
 from .config import Config, TrainConfig
 from .data import build_datasets
 from .diffusion import GaussianDiffusion
+from .infer import PRIOR_KIND as KIND
+from .infer import load_prior
 from .model import DiffAE
-
-KIND = "mgdcr"
-
-
-def load_prior(
-    path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True
-) -> tuple[DiffAE, Config]:
-    """Model (EMA weights by default, spec §1.2) and its config from a medsynth checkpoint."""
-    from medsynth_core.config import config_from_dict
-
-    ckpt = C.load_checkpoint(path, kind=KIND)
-    cfg = config_from_dict(Config, ckpt.get("config") or {}, source=f"{path} [config]")
-    model = DiffAE(cfg.model)
-    emas = ckpt.get("emas") or {}
-    if use_ema and "ema" in emas:
-        C.load_module_state(model, emas["ema"]["module"], source=f"{path} [ema]")
-    else:
-        C.load_module_state(model, ckpt["models"]["model"], source=f"{path} [model]")
-    return model.to(device).eval(), cfg
 
 
 @torch.no_grad()
@@ -144,20 +127,15 @@ def train(
             json.loads(best_file.read_text())["val_psnr"] if best_file.is_file() and step > 0 else -math.inf
         )
 
-        def save(step_done: int, name: str | None = None) -> None:
-            if info.is_main:
-                mgr.save(
-                    C.build_checkpoint(
-                        kind=KIND,
-                        step=step_done,
-                        models={"model": model},
-                        optimizers={"opt": opt},
-                        emas={"ema": ema},
-                        scaler=scaler,
-                        config=config_to_dict(cfg),
-                    ),
-                    name=name,
-                )
+        save = mgr.saver(
+            KIND,
+            main=info.is_main,
+            models={"model": model},
+            optimizers={"opt": opt},
+            emas={"ema": ema},
+            scaler=scaler,
+            config=config_to_dict(cfg),
+        )
 
         start, preempted = step, None
         with T.RunLogger(run, resume_step=step) as logger, T.PreemptionGuard() as stop:
@@ -280,19 +258,15 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
         loader = T.ResumableLoader(data, min(lc.batch_size, len(data)), seed=cfg.seed)
         extra = {"z_mean": mean, "z_std": std, "prior": str(lc.prior)}
 
-        def save(n: int) -> None:
-            if info.is_main:
-                mgr.save(
-                    C.build_checkpoint(
-                        kind=KIND,
-                        step=n,
-                        models={"latent": net},
-                        optimizers={"opt": opt},
-                        emas={"latent": ema},
-                        config=config_to_dict(cfg),
-                        extra=extra,
-                    )
-                )
+        save = mgr.saver(
+            KIND,
+            main=info.is_main,
+            models={"latent": net},
+            optimizers={"opt": opt},
+            emas={"latent": ema},
+            config=config_to_dict(cfg),
+            extra=extra,
+        )
 
         with T.RunLogger(run) as logger:
             for s, z in T.progress(

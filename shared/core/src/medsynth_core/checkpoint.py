@@ -18,7 +18,7 @@ import os
 import pickle
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -327,4 +327,17 @@ class CheckpointManager:
             for old in self.list()[: -self.keep_last]:
                 old.unlink(missing_ok=True)
         return path
+
+    def saver(self, kind: str, *, main: bool = True, **state: Any) -> Callable[..., Path | None]:
+        """``save(step, name=None)`` for a training loop: builds the checkpoint of ``state`` (the keyword
+        arguments of :func:`build_checkpoint`: ``models``, ``optimizers``, ``emas``, ``scaler``, ``config``,
+        ``extra``, ...) at that step and saves it; a no-op returning None where ``main`` is False (DDP ranks
+        other than 0). One definition instead of a closure per loop (issue 17)."""
+
+        def save(step: int, name: str | None = None) -> Path | None:
+            if not main:
+                return None
+            return self.save(build_checkpoint(kind=kind, step=int(step), **state), name=name)
+
+        return save
 
