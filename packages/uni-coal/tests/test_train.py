@@ -137,6 +137,20 @@ def test_bench_cases():
     state = cs[0].setup(torch.device("cpu"))
     state["train_step"]()
 
+    # issue 15: the paper rows time the step without SAM and, separately, with the paper's SAM term (random ViT-B)
+    from uni_coal.bench import _cfg
+
+    assert {c.name for c in cases("paper")} == {
+        "uni-coal/paper/train_step", "uni-coal/paper/G_forward", "uni-coal/paper/train_step_sam"}
+    plain, sam = _cfg("paper"), _cfg("paper", sam=True)
+    from medsynth_core.config import load_config
+    from uni_coal.config import Config
+
+    paper = load_config(Config, PKG / "configs" / "paper.yaml")
+    assert plain.loss.lambda_sam == 0 and sam.loss.lambda_sam == paper.loss.lambda_sam > 0
+    assert sam.sam.allow_random and sam.sam.checkpoint is None and sam.sam.pad_mosaic
+    assert plain.train.batch_size == sam.train.batch_size == 2
+
 
 @pytest.mark.parametrize("name", ["paper", "demo", "brats_t1_t2", "adni_sr"])
 def test_configs_load_and_are_consistent(name):

@@ -12,10 +12,18 @@ from .config import Config
 CONFIGS = bundled_configs(__file__)
 
 
-def _cfg(name: str) -> Config:
+def _cfg(name: str, sam: bool = False) -> Config:
+    """The config of a case. ``paper`` runs at batch 2 on CPU; without ``sam`` the SAM term is dropped (no SAM
+    weights in the bench environment), with ``sam`` it is on at the paper weight, computed by a
+    random-initialised ViT-B image encoder (the paper's per-step cost; the 2-image batch padded to a 2x2 mosaic)."""
     cfg = load_config(Config, CONFIGS / f"{name}.yaml")
-    if name == "paper":  # no SAM weights in the bench environment: time G/D without the SAM term
-        cfg.loss.lambda_sam = 0.0
+    if sam:
+        cfg.sam.checkpoint = None
+        cfg.sam.allow_random = True
+        cfg.sam.pad_mosaic = True
+    if name == "paper":
+        if not sam:
+            cfg.loss.lambda_sam = 0.0
         cfg.train.batch_size = 2
         cfg.discriminator.mbstd_group = 2
     return cfg
@@ -33,17 +41,21 @@ def _batch(cfg: Config, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def cases(config: str) -> list[BenchCase]:
-    def train_setup(device: torch.device):
-        from .train import Trainer
+    def train_setup_for(sam: bool):
+        def train_setup(device: torch.device):
+            from .train import Trainer
 
-        cfg = _cfg(config)
-        tr = Trainer(cfg, device)
-        batch = _batch(cfg, device)
-        return {
-            "train_step": lambda: tr.step(batch, 0),
-            "batch_size": cfg.train.batch_size,
-            "params": sum(p.numel() for p in tr.G.parameters()),
-        }
+            cfg = _cfg(config, sam=sam)
+            tr = Trainer(cfg, device)
+            batch = _batch(cfg, device)
+            return {
+                "train_step": lambda: tr.step(batch, 0),
+                "batch_size": cfg.train.batch_size,
+                "params": sum(p.numel() for p in tr.G.parameters()),
+                "notes": f"lambda_sam {cfg.loss.lambda_sam}" + (" (random ViT-B)" if tr.sam is not None else ""),
+            }
+
+        return train_setup
 
     def g_setup(device: torch.device):
         from .model import UniCOALGenerator
@@ -59,7 +71,11 @@ def cases(config: str) -> list[BenchCase]:
 
         return {"infer": infer, "batch_size": cfg.train.batch_size}
 
-    return [
-        BenchCase(f"uni-coal/{config}/train_step", train_setup, "one D(+R1) and G(+L1, SAM) iteration"),
+    out = [
+        BenchCase(f"uni-coal/{config}/train_step", train_setup_for(False), "one D(+R1) and G(+L1, SAM unless dropped) iteration"),
         BenchCase(f"uni-coal/{config}/G_forward", g_setup, "G_ema forward (eval), batch of the config"),
     ]
+    if config == "paper":  # issue 15: the paper's step cost includes the SAM ViT-B feature loss
+        out.append(BenchCase(f"uni-coal/{config}/train_step_sam", train_setup_for(True),
+                             "one D(+R1) and G(+L1, SAM ViT-B random-initialised) iteration"))
+    return out
