@@ -201,7 +201,7 @@ def _restore(args: argparse.Namespace) -> int:
 
     from .data import load_volume
     from .generate import write_volumes
-    from .train_controlnet import Restorer, restoration_metrics, simulate
+    from .restore import Restorer, restoration_metrics, simulate
 
     if not (args.input or args.target):
         raise UserError("restore needs --input (a degraded volume) and/or --target (a clean one to degrade)")

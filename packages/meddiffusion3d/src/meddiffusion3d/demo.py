@@ -113,10 +113,11 @@ def _diffusion_chain(
     from medsynth_core.phantoms import classed_volumes
 
     from .generate import Generator, write_volumes
+    from .restore import Restorer, restoration_metrics, simulate
     from .train import latest_checkpoint as latest_bf
     from .train import train
-    from .train_controlnet import Restorer, restoration_metrics, simulate, train_controlnet
     from .train_controlnet import latest_checkpoint as latest_cn
+    from .train_controlnet import train_controlnet
 
     t0 = time.perf_counter()
     cv = classed_volumes(cfg.data.n_volumes, cfg.data.volume, n_classes=cfg.data.n_classes, seed=0)

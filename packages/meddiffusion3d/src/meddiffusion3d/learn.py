@@ -270,8 +270,9 @@ def _generate_stage(out: Path, cfg: Config, bf_ckpt: Path, lat_dir: Path) -> dic
 def _controlnet_stage(out: Path, cfg: Config, base_overrides: list[str], bf_ckpt: Path, ae_ckpt: Path):
     from .evaluate import reconstruct
     from .infer import load_autoencoder
-    from .train_controlnet import Restorer, simulate, train_controlnet
+    from .restore import Restorer, simulate
     from .train_controlnet import latest_checkpoint as latest_cn
+    from .train_controlnet import train_controlnet
 
     ae, _, _ = load_autoencoder(ae_ckpt)
     vols, labels = heldout_volumes(cfg, HELDOUT_CASES)
