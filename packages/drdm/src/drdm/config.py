@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 from medsynth_core.config import (
     ConfigError,
-    bundled_configs,
     config_file,
     config_from_dict,
     load_config,
@@ -162,9 +161,6 @@ class DRDMConfig:
             "augment.start_noise_step",
             f"must be <= diffusion.timesteps ({self.diffusion.timesteps})",
         )
-
-
-CONFIG_DIR = bundled_configs(__file__)
 
 
 def load(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> DRDMConfig:

@@ -191,15 +191,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
         scaler = P.grad_scaler(device, tc.amp)
         run = run_dir(cfg)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
-        start, _ = mgr.resume(
-            resume,
-            KIND,
-            map_location=device,
-            models={"model": model},
-            optimizers={"opt": opt},
-            emas={"ema": ema},
-            scaler=scaler,
-        )
+        state = {"models": {"model": model}, "optimizers": {"opt": opt}, "emas": {"ema": ema}, "scaler": scaler}
+        start, _ = mgr.resume(resume, KIND, map_location=device, **state)
         ddp = D.wrap_ddp(model, info)
         # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data); several
         # latent grids: one resolution bucket per batch, all ranks on the same bucket at each step (spec §2)
@@ -219,16 +212,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
             "autoencoder": tc.autoencoder,
         }
 
-        save = mgr.saver(
-            KIND,
-            main=info.is_main,
-            models={"model": model},
-            optimizers={"opt": opt},
-            emas={"ema": ema},
-            scaler=scaler,
-            config=ckpt_cfg,
-            extra=extra,
-        )
+        save = mgr.saver(KIND, main=info.is_main, config=ckpt_cfg, extra=extra, **state)
 
         model.train()
         preempted, end = None, tc.steps

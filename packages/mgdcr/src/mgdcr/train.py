@@ -111,9 +111,8 @@ def train(
         scaler = T.grad_scaler(info.device, enabled=cfg.train.fp16)  # a no-op on CPU / when fp16 is off
         diffusion = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
-        step, _ = mgr.resume(
-            resume, KIND, models={"model": model}, optimizers={"opt": opt}, emas={"ema": ema}, scaler=scaler
-        )
+        state = {"models": {"model": model}, "optimizers": {"opt": opt}, "emas": {"ema": ema}, "scaler": scaler}
+        step, _ = mgr.resume(resume, KIND, **state)
         loader = T.ResumableLoader(
             train_ds, cfg.train.batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers
         )
@@ -127,15 +126,7 @@ def train(
             json.loads(best_file.read_text())["val_psnr"] if best_file.is_file() and step > 0 else -math.inf
         )
 
-        save = mgr.saver(
-            KIND,
-            main=info.is_main,
-            models={"model": model},
-            optimizers={"opt": opt},
-            emas={"ema": ema},
-            scaler=scaler,
-            config=config_to_dict(cfg),
-        )
+        save = mgr.saver(KIND, main=info.is_main, config=config_to_dict(cfg), **state)
 
         start, preempted = step, None
         with T.RunLogger(run, resume_step=step) as logger, T.PreemptionGuard() as stop:
@@ -252,21 +243,12 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
         opt = torch.optim.AdamW(net.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
         diffusion = GaussianDiffusion(cfg.diffusion.T, const_beta=lc.beta)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
-        step, _ = mgr.resume(
-            resume, KIND, models={"latent": net}, optimizers={"opt": opt}, emas={"latent": ema}
-        )
+        state = {"models": {"latent": net}, "optimizers": {"opt": opt}, "emas": {"latent": ema}}
+        step, _ = mgr.resume(resume, KIND, **state)
         loader = T.ResumableLoader(data, min(lc.batch_size, len(data)), seed=cfg.seed)
         extra = {"z_mean": mean, "z_std": std, "prior": str(lc.prior)}
 
-        save = mgr.saver(
-            KIND,
-            main=info.is_main,
-            models={"latent": net},
-            optimizers={"opt": opt},
-            emas={"latent": ema},
-            config=config_to_dict(cfg),
-            extra=extra,
-        )
+        save = mgr.saver(KIND, main=info.is_main, config=config_to_dict(cfg), extra=extra, **state)
 
         with T.RunLogger(run) as logger:
             for s, z in T.progress(
