@@ -83,3 +83,73 @@ def test_torchrun_two_processes(tmp_path):
     assert ck["step"] == 2
     assert all(torch.isfinite(v).all() for v in ck["models"]["ae"].values() if v.is_floating_point())
     assert bool(ck["models"]["ae"]["codebook.initialized"])
+
+
+def test_keyed_tri_plane_slices_average_the_drawn_slices():
+    """``run.deterministic``, one process: the keyed tri-plane loss is the mean perceptual distance over
+    ⌊ratio·B·n⌋ slices per plane drawn with the step's generator (the same slices for the same key)."""
+    from meddiffusion3d.losses import TinyRandomPerceptual, TriPlanePerceptual
+
+    tp = TriPlanePerceptual(TinyRandomPerceptual(), ratio=0.25)
+    x, y = torch.rand(2, 1, 8, 8, 8), torch.rand(2, 1, 8, 8, 8)
+    tp.generator = torch.Generator().manual_seed(3)
+    got = tp(x, y)
+    g = torch.Generator().manual_seed(3)
+    want = 0.0
+    for axis in range(3):
+        xs, ys = tp.plane_slices(x, axis), tp.plane_slices(y, axis)
+        idx = torch.randperm(16, generator=g)[:4]
+        want += tp.net(xs[idx], ys[idx]).mean()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    tp.generator = torch.Generator().manual_seed(3)
+    assert torch.equal(tp(x, y), got)
+    tp.generator = torch.Generator().manual_seed(4)
+    assert not torch.equal(tp(x, y), got)
+
+
+def test_keyed_restart_codes_come_from_the_global_batch():
+    """``run.deterministic``, one process: the codebook's init codes are a keyed draw of the batch's latent
+    vectors (tiled with noise), reproducible for the same key; without a generator the official draw."""
+    from meddiffusion3d.quantizer import Codebook
+
+    cb = Codebook(n_codes=32, embedding_dim=4)
+    z = torch.randn(2, 4, 2, 2, 2)  # 16 vectors < 32 codes: tiled twice, with noise
+    cb.generator = torch.Generator().manual_seed(5)
+    cb.train()
+    cb(z)
+    first = cb.embeddings.clone()
+    flat = z.movedim(1, -1).reshape(-1, 4)
+    assert torch.cdist(first, flat).min(1).values.max() < 0.05  # every code is a (noised) batch vector
+    cb2 = Codebook(n_codes=32, embedding_dim=4)
+    cb2.generator = torch.Generator().manual_seed(5)
+    cb2.train()
+    cb2(z)
+    assert torch.equal(cb2.embeddings, first)
+
+
+@pytest.mark.slow
+def test_deterministic_ae_stage1_ddp_equals_one_process(tmp_path):
+    """Issue 18, ``run.deterministic``: stage 1 (codebook init and restarts, tri-plane slices) trained by
+    2 torchrun ranks x batch 2 equals 1 process x batch 4 after 3 steps before the discriminator starts (its
+    BatchNorm normalises each process's batch, logged); without the flag the runs differ."""
+    from medsynth_core.testing import state_dict_mismatch
+
+    steps = ["ae.stage1.steps=3", "ae.stage1.ckpt_every=3", "ae.stage1.disc_start=10", "ae.stage1.image_every=100",
+             "data.n_volumes=4", "run.threads=1"]  # fmt: skip
+    one = demo_config(f"run.root={tmp_path / 'one'}", *steps, "ae.stage1.batch=4", "run.deterministic=true")
+    train_ae(one, 1)
+    plain = demo_config(f"run.root={tmp_path / 'plain'}", *steps, "ae.stage1.batch=4")
+    train_ae(plain, 1)
+    cmd = torchrun_command("-m", "meddiffusion3d.cli", "train-ae", "--stage", "1", "--config", str(DEMO),
+                           f"run.root={tmp_path / 'two'}", *steps, "ae.stage1.batch=2", "run.deterministic=true")  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = _states(latest_checkpoint(one, 1))["models"]["ae"]
+    b = _states(tmp_path / "two" / "meddiffusion3d" / "demo" / "stage1" / "checkpoints" / "step_00000003.pt")
+    c = _states(latest_checkpoint(plain, 1))["models"]["ae"]
+    lr = one.ae.stage1.lr
+    frac, worst = state_dict_mismatch(a, b["models"]["ae"])
+    assert frac <= 1e-3 and worst <= 0.5 * lr, (frac, worst)
+    torch.testing.assert_close(a["codebook.embeddings"], b["models"]["ae"]["codebook.embeddings"], rtol=1e-4, atol=1e-5)
+    frac, worst = state_dict_mismatch(a, c)
+    assert frac > 0.1, (frac, worst)

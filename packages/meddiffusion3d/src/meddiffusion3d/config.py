@@ -140,9 +140,9 @@ class RunConfig:
     threads: int = 0  # torch CPU threads (0: torch default)
     keep_last: int = 3
     # issue 18: BiFlowNet and ControlNet training draw each sample's t, ε and class drop from a generator keyed
-    # by (seed, step, global sample position), so N DDP ranks equal one process at the same global batch;
-    # default false = one generator per (step, rank). The AE stages keep per-rank draws (codebook restarts,
-    # tri-plane slices)
+    # by (seed, step, global sample position), and the AE stages their codebook restart codes and tri-plane
+    # slices from the global batch with a (seed, step) generator, so N DDP ranks equal one process at the same
+    # global batch (AE: until BatchNorm, the discriminator's, starts); default false = per-rank draws
     deterministic: bool = False
 
 

@@ -91,6 +91,7 @@ class TriPlanePerceptual(nn.Module):
         self.net = net
         self.ratio = ratio
         self.pin_eval = pin_eval  # spec §6.2: official Lightning train() re-enables LPIPS dropout
+        self.generator: torch.Generator | None = None  # run.deterministic: set per step by the training loop
         self.train(False)
 
     def train(self, mode: bool = True) -> TriPlanePerceptual:
@@ -110,11 +111,35 @@ class TriPlanePerceptual(nn.Module):
         return max(1, int(total * self.ratio))  # at least one slice for tiny inputs
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.generator is not None:
+            return self._keyed(x, y, self.generator)
         loss = x.new_zeros(())
         for axis in range(3):
             xs, ys = self.plane_slices(x, axis), self.plane_slices(y, axis)
             idx = torch.randperm(xs.shape[0])[: self.n_slices(xs.shape[0])].to(x.device)
             loss = loss + torch.mean(self.net(xs.index_select(0, idx), ys.index_select(0, idx)))
+        return loss
+
+    def _keyed(self, x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """``run.deterministic`` (issue 18): the slices are drawn from the global batch's B·w·n slices (sample
+        j of rank r is global sample j·w + r) with the step's generator; each rank scores the drawn slices it
+        holds and divides their sum by the global count times 1/w, so DDP's gradient average is the mean over
+        all drawn slices, as one process at the global batch computes it."""
+        from medsynth_core.distributed import get_rank, get_world_size
+
+        w, r, b = get_world_size(), get_rank(), x.shape[0]
+        loss = x.new_zeros(())
+        for axis in range(3):
+            xs, ys = self.plane_slices(x, axis), self.plane_slices(y, axis)
+            n = xs.shape[0] // b
+            total = b * w * n
+            chosen = torch.randperm(total, generator=g)[: self.n_slices(total)]
+            sample, sl = chosen // n, chosen % n
+            mine = sample % w == r
+            idx = ((sample[mine] // w) * n + sl[mine]).to(x.device)
+            if idx.numel():
+                d = self.net(xs.index_select(0, idx), ys.index_select(0, idx))
+                loss = loss + d.sum() * (w / chosen.numel())
         return loss
 
 

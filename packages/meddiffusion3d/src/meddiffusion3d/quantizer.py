@@ -57,6 +57,10 @@ class Codebook(nn.Module):
         else:  # official behaviour: a plain attribute, lost on reload (spec §6.1)
             self._need_init = True
         self.frozen = False  # stage 2: no init, EMA or restart, whatever train()/eval() says
+        # run.deterministic (issue 18): set by the training loop each step to a generator keyed by (seed,
+        # step); restart codes are then drawn from the whole global batch in global order with it, so N
+        # ranks draw what one process draws. None: the official per-rank draw broadcast from rank 0
+        self.generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ init / restart helpers
     @property
@@ -75,24 +79,39 @@ class Codebook(nn.Module):
         """For codebooks loaded from a trained (e.g. official) checkpoint."""
         self._mark_initialized()
 
-    def _tile(self, x: torch.Tensor) -> torch.Tensor:
+    def _tile(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         d, ew = x.shape
         if d < self.n_codes:
             n_repeats = (self.n_codes + d - 1) // d
             x = x.repeat(n_repeats, 1)
-            x = x + torch.randn_like(x) * (0.01 / math.sqrt(ew))
+            if generator is None:
+                noise = torch.randn_like(x)
+            else:
+                noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+            x = x + noise * (0.01 / math.sqrt(ew))
         return x
 
-    def _random_codes(self, flat: torch.Tensor) -> torch.Tensor:
-        y = self._tile(flat)
-        k = y[torch.randperm(y.shape[0], device=y.device)][: self.n_codes].contiguous()
-        if _dist_on():
-            dist.broadcast(k, 0)
-        return k
+    def _random_codes(self, flat: torch.Tensor, batch: int) -> torch.Tensor:
+        """``n_codes`` vectors drawn from ``flat`` (the ``batch`` samples' latents, batch-major), tiled with
+        a little noise when there are fewer vectors than codes."""
+        g = self.generator
+        if g is None:
+            y = self._tile(flat)
+            k = y[torch.randperm(y.shape[0], device=y.device)][: self.n_codes].contiguous()
+            if _dist_on():
+                dist.broadcast(k, 0)
+            return k
+        if _dist_on():  # the global batch in global order: sample j of rank r is sample j * world + r
+            parts = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, flat.contiguous())
+            per = flat.shape[0] // batch
+            flat = torch.stack([p.view(batch, per, -1) for p in parts], 1).reshape(-1, flat.shape[1])
+        y = self._tile(flat, g)
+        return y[torch.randperm(y.shape[0], generator=g).to(y.device)][: self.n_codes].contiguous()
 
     @torch.no_grad()
-    def _init_embeddings(self, flat: torch.Tensor) -> None:
-        k = self._random_codes(flat)
+    def _init_embeddings(self, flat: torch.Tensor, batch: int) -> None:
+        k = self._random_codes(flat, batch)
         self.embeddings.copy_(k)
         self.z_avg.copy_(k)
         self.N.fill_(1.0)
@@ -133,7 +152,7 @@ class Codebook(nn.Module):
                 return self.forward(z.float())
         flat = channels_last(z)
         if self.updating and self.needs_init:
-            self._init_embeddings(flat.detach())
+            self._init_embeddings(flat.detach(), z.shape[0])
         idx = self.nearest(flat)
         onehot = F.one_hot(idx, self.n_codes).type_as(flat)
         indices = idx.view(z.shape[0], *z.shape[2:])
@@ -153,7 +172,7 @@ class Codebook(nn.Module):
                 n = self.N.sum()
                 weights = (self.N + self.eps) / (n + self.n_codes * self.eps) * n
                 self.embeddings.copy_(self.z_avg / weights.unsqueeze(1))
-                k_rand = self._random_codes(fl)
+                k_rand = self._random_codes(fl, z.shape[0])
                 if self.random_restart:
                     usage = (self.N.view(self.n_codes, 1) >= self.restart_thres).float()
                     self.embeddings.mul_(usage).add_(k_rand * (1 - usage))

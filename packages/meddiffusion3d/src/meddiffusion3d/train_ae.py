@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medsynth_core import checkpoint as C
@@ -42,6 +43,22 @@ def latest_checkpoint(cfg: Config, stage: int) -> Path | None:
 
 def _stage_cfg(cfg: Config, stage: int):
     return cfg.ae.stage1 if stage == 1 else cfg.ae.stage2
+
+
+def keyed_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """CPU generator keyed by (seed, step, stream), the same on every rank (``run.deterministic``)."""
+    key = np.random.SeedSequence([seed, step, stream]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed((int(key[0]) << 32 | int(key[1])) % (2**63))
+
+
+def set_step_generators(ae, loss_fn: AELoss, cfg: Config, step: int) -> None:
+    """``run.deterministic`` (issue 18): the codebook's restart codes and the tri-plane slices of this step
+    come from generators keyed by (seed, step), drawn over the whole global batch (see ``Codebook`` and
+    ``TriPlanePerceptual``), so N ranks train as one process at the same global batch. Off: per-rank draws."""
+    on = cfg.run.deterministic
+    ae.codebook.generator = keyed_generator(cfg.run.seed, step, 0) if on else None
+    if loss_fn.perceptual is not None:
+        loss_fn.perceptual.generator = keyed_generator(cfg.run.seed, step, 1) if on else None
 
 
 def train_ae(
@@ -122,6 +139,11 @@ def train_ae(
         ae.train()
         disc.train()
         loss_fn.train()
+        if cfg.run.deterministic and info.world_size > 1 and (sc.disc_start < sc.steps or cfg.ae.norm_type == "batch"):
+            log.warning("run.deterministic: BatchNorm (the discriminator's from step %d%s) normalises each "
+                        "process's batch, so from there %d ranks differ from one process at the same global batch",
+                        sc.disc_start, "; the AE's, ae.norm_type=batch" if cfg.ae.norm_type == "batch" else "",
+                        info.world_size)  # fmt: skip
         preempted, end = None, sc.steps
         with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             bar = T.progress(
@@ -129,6 +151,7 @@ def train_ae(
             )
             for step, batch in bar:
                 x = batch.to(device, non_blocking=True)
+                set_step_generators(ae, loss_fn, cfg, step)
                 if not torch.isfinite(x).all():
                     raise UserError(f"step {step}: the input batch holds NaN/Inf; check the data files")
                 d_step = step >= sc.disc_start and step % 2 == 1
