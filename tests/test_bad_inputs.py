@@ -27,12 +27,12 @@ def checkpoints(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("ckpts")
     torch.set_num_threads(1)
-    fda_over = [f"out_root={tmp}", "model.channels=[8,16]", "model.latent_channels=4", "train.batch_size=2",
+    fda_over = [f"run.root={tmp}", "model.channels=[8,16]", "model.latent_channels=4", "train.batch_size=2",
                 "data.image_size=16", "data.phantom_train=4", "data.phantom_val=2", "data.phantom_size=32",
-                "train.max_steps=1", "train.val_every=1000", "train.sample_every=1000"]  # fmt: skip
+                "train.steps=1", "train.val_every=1000", "train.sample_every=1000"]  # fmt: skip
     fda = fda_train(load_config(Config, REPO / "packages/fda-vae/configs/demo.yaml", fda_over))["checkpoint"]
-    dr = drdm_train(drdm_load("demo", [f"out_dir={tmp}", "train.steps=1", "data.phantom_count=2",
-                                       "train.batchsize=1", "train.image_every=1000"]))  # fmt: skip
+    dr = drdm_train(drdm_load("demo", [f"run.root={tmp}", "train.steps=1", "data.phantom_count=2",
+                                       "train.batch_size=1", "train.sample_every=1000"]))  # fmt: skip
     from meddiffusion3d.config import Config as MDConfig
     from meddiffusion3d.config import build_autoencoder
     from medsynth_core import checkpoint as C
@@ -48,7 +48,7 @@ def checkpoints(tmp_path_factory):
     md_cfg = load_config(MDConfig, REPO / "packages/meddiffusion3d/configs/demo.yaml")
     md = C.build_checkpoint(kind="meddiffusion3d-ae", step=0, models={"ae": build_autoencoder(md_cfg.ae)},
                             config=config_to_dict(md_cfg), include_rng=False)  # fmt: skip
-    micro = ["train", "--config", str(REPO / "packages/mgdcr/configs/micro.yaml"), f"run_root={tmp}",
+    micro = ["train", "--config", str(REPO / "packages/mgdcr/configs/micro.yaml"), f"run.root={tmp}",
              "train.steps=1", "train.ckpt_every=1", "train.sample_every=0"]  # fmt: skip
     assert mgdcr_main(micro) == 0
     return {"fda_vae": Path(fda), "drdm": Path(dr["run_dir"]) / "checkpoints" / "step_00000001.pt",
@@ -122,12 +122,12 @@ def test_bad_checkpoint(module, case, checkpoints, tmp_path, capsys):
 # the train verbs: every bad config value exits 2 with one line naming the key, before any run folder exists.
 # Keys differ per package until one vocabulary lands (issue 17): (prog, verb, run-root key, steps, batch, lr)
 TRAIN = {
-    "fda_vae": ("fda-vae", ["train"], "out_root", "train.max_steps", "train.batch_size", "train.lr_g"),
-    "drdm": ("drdm", ["train"], "out_dir", "train.steps", "train.batchsize", "train.lr"),
-    "mgdcr": ("mgdcr", ["train"], "run_root", "train.steps", "train.batch_size", "train.lr"),
-    "uni_coal": ("uni-coal", ["train"], "run_root", "train.max_steps", "train.batch_size", "optim.lr_g"),
+    "fda_vae": ("fda-vae", ["train"], "run.root", "train.steps", "train.batch_size", "train.lr_g"),
+    "drdm": ("drdm", ["train"], "run.root", "train.steps", "train.batch_size", "train.lr"),
+    "mgdcr": ("mgdcr", ["train"], "run.root", "train.steps", "train.batch_size", "train.lr"),
+    "uni_coal": ("uni-coal", ["train"], "run.root", "train.steps", "train.batch_size", "optim.lr_g"),
     "meddiffusion3d": ("meddiffusion3d", ["train-ae", "--stage", "1"], "run.root", "ae.stage1.steps",
-                       "ae.stage1.batch", "ae.stage1.lr"),
+                       "ae.stage1.batch_size", "ae.stage1.lr"),
 }  # fmt: skip
 TRAIN_CASES = {  # case: (override builder, what the message must name)
     "unknown_key": (lambda s, b, lr: "train.nonsense=1", "train.nonsense"),

@@ -17,10 +17,10 @@ def _main(package: str):
 
 
 TRAIN = {  # package module, prog, demo config, the key of the runs root
-    "fda_vae": ("fda-vae", "out_root", "train.max_steps=1"),
-    "drdm": ("drdm", "out_dir", "train.steps=1"),
-    "mgdcr": ("mgdcr", "run_root", "train.steps=1"),
-    "uni_coal": ("uni-coal", "run_root", "train.max_steps=1"),
+    "fda_vae": ("fda-vae", "run.root", "train.steps=1"),
+    "drdm": ("drdm", "run.root", "train.steps=1"),
+    "mgdcr": ("mgdcr", "run.root", "train.steps=1"),
+    "uni_coal": ("uni-coal", "run.root", "train.steps=1"),
 }
 
 

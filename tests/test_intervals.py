@@ -10,12 +10,12 @@ from medsynth_core.config import ConfigError, bundled_configs, load_config
 
 CASES = [
     ("fda_vae", "train.log_every=-1", "train.log_every"),
-    ("drdm", "train.image_every=-1", "train.image_every"),
+    ("drdm", "train.sample_every=-1", "train.sample_every"),
     ("drdm", "train.ckpt_every=-1", "train.ckpt_every"),
     ("mgdcr", "train.sample_every=-1", "train.sample_every"),
     ("mgdcr", "latent.ckpt_every=-1", "latent.ckpt_every"),
     ("uni_coal", "train.ckpt_every=-1", "train.ckpt_every"),
-    ("meddiffusion3d", "ae.stage1.image_every=-1", "image_every"),
+    ("meddiffusion3d", "ae.stage1.sample_every=-1", "sample_every"),
     ("meddiffusion3d", "controlnet.log_every=-1", "ckpt_every"),
 ]
 

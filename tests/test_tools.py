@@ -77,10 +77,10 @@ def test_declared_demo_threads_match_the_recipes():
     declared = {p.name: demo.demo_threads(p) for p in demo.select(None)}
     cfg = learn_config()
     actual = {
-        "drdm": drdm_demo().train.threads,
-        "fda-vae": fda_demo().train.threads,
-        "meddiffusion3d": cfg.train.threads or cfg.run.threads,
+        "drdm": drdm_demo().run.threads,
+        "fda-vae": fda_demo().run.threads,
+        "meddiffusion3d": cfg.run.threads,
         "mgdcr": 2,  # sets no threads: the OMP_NUM_THREADS=2 tools/demo.py gives it
-        "uni-coal": int(next(o for o in RECIPE if o.startswith("train.threads=")).split("=")[1]),
+        "uni-coal": int(next(o for o in RECIPE if o.startswith("run.threads=")).split("=")[1]),
     }
     assert declared == actual

@@ -89,3 +89,52 @@ def test_config_by_bundled_name(pkg):
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]
     assert "--config nope" in lines[0] and "demo" in lines[0] and "paper" in lines[0]
+
+
+def _config_class(pkg):
+    mod = importlib.import_module(f"{pkg.import_name}.config")
+    return getattr(mod, "Config", None) or mod.DRDMConfig
+
+
+# spellings the shared vocabulary replaced (issue 17): none may remain as a field of any section
+OLD_SPELLINGS = {"batch", "batchsize", "max_steps", "image_every", "out_dir", "out_root", "run_root"}
+
+
+@pytest.mark.parametrize("pkg", PACKAGES, ids=lambda p: p.name)
+def test_one_config_vocabulary(pkg):
+    """Issue 17: every package's config has core's ``run`` section (name, root, seed, device, threads,
+    keep_last, deterministic) and its training sections spell steps / batch_size / *_every the same way;
+    every bundled YAML loads; the old spellings are refused with the new name."""
+    import dataclasses
+
+    from medsynth_core.config import ConfigError, RunSection, bundled_configs, load_config
+
+    cls = _config_class(pkg)
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    run_type = next(f.default_factory for f in dataclasses.fields(cls) if f.name == "run")
+    assert issubclass(run_type, RunSection), f"{pkg.name}: run is {run_type}"
+    top = {f.name for f in dataclasses.fields(cls)}
+    assert not top & {"name", "seed", "device", "out_dir", "out_root", "run_root"}, top
+
+    def sections(c, prefix=""):
+        for f in dataclasses.fields(c):
+            t = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if isinstance(t, type) and dataclasses.is_dataclass(t):
+                yield f"{prefix}{f.name}", t
+                yield from sections(t, f"{prefix}{f.name}.")
+            elif t is not None and dataclasses.is_dataclass(obj := t()):
+                yield f"{prefix}{f.name}", type(obj)
+                yield from sections(type(obj), f"{prefix}{f.name}.")
+
+    for name, sec in sections(cls):
+        fields = {f.name for f in dataclasses.fields(sec)}
+        assert not fields & OLD_SPELLINGS, f"{pkg.name}: {name} still spells {fields & OLD_SPELLINGS}"
+        if name != "run":
+            assert not fields & {"seed", "threads", "device", "keep_last", "deterministic"} or name in (
+                "augment", "data"), f"{pkg.name}: {name} holds run keys {fields}"  # fmt: skip
+    assert hints
+    for yaml_path in sorted(bundled_configs(importlib.import_module(f"{pkg.import_name}.config").__file__).glob("*.yaml")):
+        load_config(cls, yaml_path)  # every bundled YAML is in the vocabulary
+    old = next(iter(cls.RENAMED))
+    with pytest.raises(ConfigError, match=f"'{old}' is now '{cls.RENAMED[old]}'"):
+        load_config(cls, None, [f"{old}=1"])

@@ -87,8 +87,8 @@ def test_train_augment_evaluate_cli(tmp_path, capsys):
                 "train",
                 "--config",
                 "demo",
-                f"out_dir={tmp_path}",
-                "name=cli",
+                f"run.root={tmp_path}",
+                "run.name=cli",
                 "train.steps=2",
                 "data.phantom_count=2",
             ]

@@ -13,11 +13,11 @@ def test_packaged_configs_load():
 
 def test_official_cmr_yaml_maps(ref):
     cfg = load(ref / "config_cmr.yaml")
-    assert cfg.name == "cmr"
+    assert cfg.run.name == "cmr"
     assert (cfg.model.ndims, cfg.diffusion.img_size, cfg.diffusion.timesteps) == (2, 256, 80)
     assert cfg.diffusion.v_scale == 4e-5 and cfg.diffusion.padding_mode == "zeros"
     assert cfg.diffusion.resample_mode == "bicubic" and cfg.diffusion.img_pad_mode == "zeros"
-    assert (cfg.train.batchsize, cfg.train.lr, cfg.train.noise_scale) == (1, 1e-4, 0.1)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.noise_scale) == (1, 1e-4, 0.1)
     assert (cfg.augment.start_noise_step, cfg.augment.noise_step, cfg.augment.aug_coe) == (48, 2, 32)
 
 
@@ -42,9 +42,9 @@ def test_unknown_keys_are_errors(tmp_path):
 
 def test_periodic_intervals():
     """image_every / log_every = 0 mean "at the last step only"; negative values are config errors."""
-    load("demo", ["train.image_every=0", "train.log_every=0"])
-    with pytest.raises(ConfigError, match="train.image_every"):
-        load("demo", ["train.image_every=-1"])
+    load("demo", ["train.sample_every=0", "train.log_every=0"])
+    with pytest.raises(ConfigError, match="train.sample_every"):
+        load("demo", ["train.sample_every=-1"])
 
 
 def test_official_cmr_yaml_maps_data_keys(ref):
@@ -97,11 +97,11 @@ def test_official_yaml_train_never_falls_back_to_phantoms(tmp_path, monkeypatch)
     with pytest.raises(
         MedicalIOError, match=r"Data/Src_data/CMR_processed_rmbg_resize.*official cmr.*data.root"
     ):
-        train(load(yaml, [f"out_dir={tmp_path}", "train.steps=1"]))
+        train(load(yaml, [f"run.root={tmp_path}", "train.steps=1"]))
     folder = tmp_path / "Data" / "Src_data" / "CMR_processed_rmbg_resize"
     for i in range(2):
         write_image(labelled_anatomy((32, 32), seed=i).image.astype(np.float64), folder / f"s{i}.nii.gz")
-    res = train(load(yaml, [f"out_dir={tmp_path}", "train.steps=1", "train.image_every=0"]))
+    res = train(load(yaml, [f"run.root={tmp_path}", "train.steps=1", "train.sample_every=0"]))
     assert res["step"] == 1 and np.isfinite(res["loss"])
 
 

@@ -47,11 +47,11 @@ def test_evaluate_cli_deformation_and_segmentation_csv(tmp_path, capsys):
                 "train",
                 "--config",
                 "demo",
-                f"out_dir={tmp_path}",
-                "name=ev",
+                f"run.root={tmp_path}",
+                "run.name=ev",
                 "train.steps=1",
                 "data.phantom_count=2",
-                "train.image_every=0",
+                "train.sample_every=0",
             ]
         )
         == 0

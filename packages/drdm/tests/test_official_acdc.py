@@ -58,7 +58,7 @@ def test_official_acdc_statistics(official_ckpt, ref):
     assert cfg.diffusion.img_size == 256 and cfg.diffusion.resample_mode == "bicubic"
     assert cfg.augment.start_noise_step == T_PRIME and cfg.model.rec_num == 2
     cfg.augment.noise_step, cfg.augment.aug_coe = 0, DRAWS
-    cfg.augment.random_permute, cfg.augment.batch = False, DRAWS
+    cfg.augment.random_permute, cfg.augment.batch_size = False, DRAWS
     torch.set_num_threads(1)
     arr = to_tensor_layout(read_image(img).array)[..., 5]
     s = cfg.diffusion.img_size

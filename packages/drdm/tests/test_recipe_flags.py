@@ -35,8 +35,8 @@ def test_lr_schedule_values():
 def _cfg(tmp_path, name, *extra):
     return load(
         "demo",
-        [f"out_dir={tmp_path}", f"name={name}", "train.steps=4", "train.ckpt_every=2", "train.image_every=100",
-         "data.phantom_count=4", "train.batchsize=2", *extra],
+        [f"run.root={tmp_path}", f"run.name={name}", "train.steps=4", "train.ckpt_every=2", "train.sample_every=100",
+         "data.phantom_count=4", "train.batch_size=2", *extra],
     )  # fmt: skip
 
 

@@ -17,11 +17,11 @@ def _cfg(tmp_path, name, *extra):
     return load(
         "demo",
         [
-            f"out_dir={tmp_path}",
-            f"name={name}",
+            f"run.root={tmp_path}",
+            f"run.name={name}",
             "train.steps=4",
             "train.ckpt_every=2",
-            "train.image_every=100",
+            "train.sample_every=100",
             "data.phantom_count=4",
             *extra,
         ],
@@ -31,7 +31,7 @@ def _cfg(tmp_path, name, *extra):
 def test_demo_training_steps(tmp_path):
     """Checklist 15: 5 steps finish, loss finite, weights change, time_embed unchanged."""
     cfg = _cfg(tmp_path, "five", "train.steps=5")
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.run.seed)
     from drdm.config import build_network
 
     init = build_network(cfg).state_dict()
@@ -71,16 +71,16 @@ def test_3d_training_step(tmp_path):
     cfg = load(
         "demo",
         [
-            f"out_dir={tmp_path}",
-            "name=d3",
+            f"run.root={tmp_path}",
+            "run.name=d3",
             "model.ndims=3",
             "diffusion.img_size=16",
             "diffusion.ctl_sz=16",
             "diffusion.v_scale=4e-4",
-            "train.batchsize=1",
+            "train.batch_size=1",
             "train.steps=2",
             "data.phantom_count=2",
-            "train.image_every=2",
+            "train.sample_every=2",
         ],
     )
     res = train(cfg)
@@ -96,8 +96,8 @@ def test_torchrun_ddp(tmp_path):
         "train",
         "--config",
         "demo",
-        f"out_dir={tmp_path}",
-        "name=ddp",
+        f"run.root={tmp_path}",
+        "run.name=ddp",
         "train.steps=2",
         "train.ckpt_every=2",
         "data.phantom_count=4",
@@ -133,7 +133,7 @@ def test_out_init_scale_flag(tmp_path):
     from medsynth_core.distributed import seed_everything
 
     cfg = _cfg(tmp_path, "init", "train.steps=1", "train.lr=1e-12")
-    seed_everything(cfg.train.seed)  # as train() does before building the network
+    seed_everything(cfg.run.seed)  # as train() does before building the network
     ref = build_network(cfg).state_dict()
     for scale, name in ((1.0, "one"), (0.01, "small")):
         c = _cfg(tmp_path, name, "train.steps=1", "train.lr=1e-12", f"train.out_init_scale={scale}")
@@ -163,9 +163,9 @@ def _train_cmd(tmp_path, name, steps, *extra):
     import sys
 
     return [
-        sys.executable, "-m", "drdm.cli", "train", "--config", "demo", f"out_dir={tmp_path}", f"name={name}",
-        f"train.steps={steps}", "train.ckpt_every=1000", "train.image_every=1000", "train.log_every=1",
-        "data.phantom_count=4", "train.batchsize=2", *extra,
+        sys.executable, "-m", "drdm.cli", "train", "--config", "demo", f"run.root={tmp_path}", f"run.name={name}",
+        f"train.steps={steps}", "train.ckpt_every=1000", "train.sample_every=1000", "train.log_every=1",
+        "data.phantom_count=4", "train.batch_size=2", *extra,
     ]  # fmt: skip
 
 
@@ -258,7 +258,7 @@ def _outputs(ckpt: Path) -> torch.Tensor:
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 def test_deterministic_ddp_equals_one_process_and_survives_an_elastic_restart(tmp_path):
-    """Issue 18, ``train.deterministic``. (1) 2 torchrun ranks x batch 2 == 1 process x batch 4 after 3 steps:
+    """Issue 18, ``run.deterministic``. (1) 2 torchrun ranks x batch 2 == 1 process x batch 4 after 3 steps:
     outputs within 1e-4 relative (measured 3.6e-6; without the mode 0.58, the official per-rank draws).
     Beyond a few steps the two diverge through rounding alone (2.9e-4 at 10 steps, 4.5e-2 at 40: Adam
     normalises gradients, so last-bit differences in small gradients become lr-sized steps). (2) Rank 1
@@ -270,8 +270,8 @@ def test_deterministic_ddp_equals_one_process_and_survives_an_elastic_restart(tm
     import signal
 
     steps = 12
-    extra = ["train.deterministic=true", "train.ckpt_every=3", "train.keep_last=10", "data.phantom_count=8"]
-    one = train(load("demo", _train_cmd(tmp_path, "one", 3, *extra)[6:] + ["train.batchsize=4"]))
+    extra = ["run.deterministic=true", "train.ckpt_every=3", "run.keep_last=10", "data.phantom_count=8"]
+    one = train(load("demo", _train_cmd(tmp_path, "one", 3, *extra)[6:] + ["train.batch_size=4"]))
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def torchrun(name: str, kill_after: int | None = None) -> Path:
@@ -310,7 +310,7 @@ def test_deterministic_ddp_equals_one_process_and_survives_an_elastic_restart(tm
 
 def test_two_node_rendezvous_equals_one_process(tmp_path):
     """Issue 18, multi-node: two ``torchrun --nnodes=2 --nproc_per_node=1`` launchers meeting by c10d
-    rendezvous on 127.0.0.1 train together (``train.deterministic``) and agree with one process at the same
+    rendezvous on 127.0.0.1 train together (``run.deterministic``) and agree with one process at the same
     global batch (the README's multi-node command, here on one machine)."""
     import socket
     import sys
@@ -318,8 +318,8 @@ def test_two_node_rendezvous_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    extra = ["train.deterministic=true", "train.ckpt_every=3", "data.phantom_count=8"]
-    one = train(load("demo", _train_cmd(tmp_path, "one", 3, *extra)[6:] + ["train.batchsize=4"]))
+    extra = ["run.deterministic=true", "train.ckpt_every=3", "data.phantom_count=8"]
+    one = train(load("demo", _train_cmd(tmp_path, "one", 3, *extra)[6:] + ["train.batch_size=4"]))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=medsynth-test"]  # fmt: skip

@@ -15,7 +15,7 @@ REF = Path(__file__).resolve().parents[3] / ".." / "shared" / "reference" / "fda
 def tiny_overrides(tmp_path) -> list[str]:
     """Spec §7 tiny config at 16x16 on phantoms (the official tiny network: channels 8/16, latent 4)."""
     return [
-        f"out_root={tmp_path}",
+        f"run.root={tmp_path}",
         "model.channels=[8,16]",
         "model.latent_channels=4",
         "train.batch_size=2",
@@ -23,7 +23,7 @@ def tiny_overrides(tmp_path) -> list[str]:
         "data.phantom_train=8",
         "data.phantom_val=2",
         "data.phantom_size=32",
-        "train.threads=0",
+        "run.threads=0",
         "train.log_every=1",
     ]
 

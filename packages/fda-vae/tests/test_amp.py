@@ -1,4 +1,4 @@
-"""AMP switch (issue 12): train.amp / --amp {off,bf16,fp16}; CUDA-only, so CPU results never change."""
+"""AMP switch (issue 12): run.amp / --amp {off,bf16,fp16}; CUDA-only, so CPU results never change."""
 
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ def _run(cfg: Config, steps: int = 3) -> tuple[list[dict[str, float]], dict[str,
 @pytest.mark.parametrize("mode", ["bf16", "fp16"])
 def test_amp_is_ignored_on_cpu_bit_exactly(tmp_path, mode, caplog):
     caplog.set_level("INFO", logger="fda_vae")
-    off = load_config(Config, DEMO, [*tiny_overrides(tmp_path), "device=cpu"])
-    on = load_config(Config, DEMO, [*tiny_overrides(tmp_path), "device=cpu", f"train.amp={mode}"])
-    assert (off.train.amp, on.train.amp) == ("off", mode)
+    off = load_config(Config, DEMO, [*tiny_overrides(tmp_path), "run.device=cpu"])
+    on = load_config(Config, DEMO, [*tiny_overrides(tmp_path), "run.device=cpu", f"run.amp={mode}"])
+    assert (off.run.amp, on.run.amp) == ("off", mode)
     logs_off, state_off, extra_off = _run(off)
     logs_on, state_on, extra_on = _run(on)
     assert logs_on == logs_off and all(v["skipped"] == 0.0 for v in logs_on)
     assert state_on.keys() == state_off.keys()
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_off)
     assert "grad_scaler" not in extra_on and extra_on == extra_off
-    assert any(f"train.amp={mode} ignored on cpu" in r.getMessage() for r in caplog.records)
+    assert any(f"run.amp={mode} ignored on cpu" in r.getMessage() for r in caplog.records)
 
 
 def test_amp_helpers_on_cpu():
@@ -62,8 +62,8 @@ def test_amp_helpers_on_cpu():
 
 def test_amp_option_parses(tmp_path):
     parser = build_parser(PROG, "", VERBS)
-    args = parser.parse_args(["train", "--config", DEMO, "--amp", "bf16", "train.max_steps=2"])
-    assert args.amp == "bf16" and train_overrides(args) == ["train.max_steps=2", "train.amp=bf16"]
+    args = parser.parse_args(["train", "--config", DEMO, "--amp", "bf16", "train.steps=2"])
+    assert args.amp == "bf16" and train_overrides(args) == ["train.steps=2", "run.amp=bf16"]
     args = parser.parse_args(["train", "--config", DEMO])
     assert args.amp is None and train_overrides(args) == []  # the config decides (default off)
     for verb in (
@@ -74,7 +74,7 @@ def test_amp_option_parses(tmp_path):
         assert parser.parse_args([*verb, "--amp", "fp16"]).amp == "fp16"
     # the config key: off / bf16 / fp16; YAML's bare `off` (false) means off
     for value, want in (("off", "off"), ("bf16", "bf16"), ("fp16", "fp16"), ("false", "off")):
-        assert load_config(Config, DEMO, [f"train.amp={value}"]).train.amp == want
+        assert load_config(Config, DEMO, [f"run.amp={value}"]).run.amp == want
 
 
 def test_amp_invalid_value_exits_2(tmp_path, capsys):
@@ -84,12 +84,12 @@ def test_amp_invalid_value_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--amp" in err and "invalid choice" in err and "fp32" in err and "bf16" in err
     # the config key: refused before anything runs, one line naming the key
-    assert main(["train", "--config", DEMO, f"out_root={tmp_path}", "train.amp=fp32"]) == 2
+    assert main(["train", "--config", DEMO, f"run.root={tmp_path}", "run.amp=fp32"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "train.amp" in err and "off, bf16 or fp16" in err
+    assert len(err.splitlines()) == 1 and "run.amp" in err and "off, bf16 or fp16" in err
     assert not any(tmp_path.iterdir())
-    with pytest.raises(ConfigError, match="train.amp"):
-        load_config(Config, DEMO, ["train.amp=true"])
+    with pytest.raises(ConfigError, match="run.amp"):
+        load_config(Config, DEMO, ["run.amp=true"])
 
 
 def test_autocast_code_path_runs_under_cpu_bf16(tmp_path, monkeypatch):
@@ -103,10 +103,10 @@ def test_autocast_code_path_runs_under_cpu_bf16(tmp_path, monkeypatch):
         "autocast",
         lambda mode, device: torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "off"),
     )
-    cfg = load_config(Config, DEMO, [*tiny_overrides(tmp_path), "device=cpu", "train.amp=bf16"])
+    cfg = load_config(Config, DEMO, [*tiny_overrides(tmp_path), "run.device=cpu", "run.amp=bf16"])
     logs, state, _ = _run(cfg, steps=2)
     assert all(torch.isfinite(torch.tensor(list(v.values()))).all() for v in logs)
-    logs_off, state_off, _ = _run(load_config(Config, DEMO, [*tiny_overrides(tmp_path), "device=cpu"]), 2)
+    logs_off, state_off, _ = _run(load_config(Config, DEMO, [*tiny_overrides(tmp_path), "run.device=cpu"]), 2)
     assert logs[0]["trans"] != logs_off[0]["trans"]  # bf16 arithmetic happened
     assert abs(logs[0]["trans"] - logs_off[0]["trans"]) < 0.05 * logs_off[0]["trans"]
     assert all(v.dtype == state_off[k].dtype for k, v in state.items())  # weights stay fp32

@@ -50,7 +50,7 @@ def trained(tmp_path_factory):
 
     from .conftest import tiny_overrides
 
-    cfg = load_config(Config, PKG / "configs" / "demo.yaml", tiny_overrides(tmp) + ["train.max_steps=2"])
+    cfg = load_config(Config, PKG / "configs" / "demo.yaml", tiny_overrides(tmp) + ["train.steps=2"])
     return train(cfg)["checkpoint"], tmp
 
 
@@ -216,7 +216,7 @@ def test_train_verb_resume_and_errors(trained, tmp_path, capsys):
 
     ckpt, _ = trained
     args = ["train", "--config", str(PKG / "configs" / "demo.yaml"), *tiny_overrides(tmp_path)]
-    assert main([*args, "train.max_steps=3", "--resume", ckpt]) == 0
+    assert main([*args, "train.steps=3", "--resume", ckpt]) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{") :])
     assert res["start"] == 2 and res["steps"] == 3
@@ -225,10 +225,10 @@ def test_train_verb_resume_and_errors(trained, tmp_path, capsys):
 
     other = tmp_path / "other.pt"
     atomic_torch_save(build_checkpoint(kind="mgdcr", step=0, models={}), other)
-    assert main([*args, "name=x", "--resume", str(other)]) == 2
+    assert main([*args, "run.name=x", "--resume", str(other)]) == 2
     assert "mgdcr" in capsys.readouterr().err
     # folder data without a root
-    assert main(["train", "--config", str(PKG / "configs" / "paper.yaml"), f"out_root={tmp_path}"]) == 2
+    assert main(["train", "--config", str(PKG / "configs" / "paper.yaml"), f"run.root={tmp_path}"]) == 2
     assert "data.root" in capsys.readouterr().err
 
 

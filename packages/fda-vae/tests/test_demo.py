@@ -14,7 +14,7 @@ from medsynth_core.heldout import rescore
 from medsynth_core.io import read_image
 
 MICRO = [
-    "train.max_steps=4",
+    "train.steps=4",
     "train.ckpt_every=2",
     "train.val_every=2",
     "train.sample_every=2",

@@ -56,7 +56,7 @@ def test_json_agrees_with_the_nifti_files(demo):
 def test_recipe_and_files(demo):
     out, res, m = demo
     cfg = demo_config()
-    assert m["train"]["steps"] == cfg.train.max_steps and m["train"]["resumed_at"] == cfg.train.max_steps // 2
+    assert m["train"]["steps"] == cfg.train.steps and m["train"]["resumed_at"] == cfg.train.steps // 2
     assert m["train"]["seconds"] < 8 * 60  # LEARNING.md budget
     assert m["losses_on"]["w_adv"] > 0 and m["losses_on"]["w_fda"] > 0 and m["losses_on"]["w_perc"] == 0
     assert m["subjects"]["heldout"][0] not in (m["subjects"]["train"][0], m["subjects"]["validation"][0])

@@ -126,13 +126,13 @@ def test_resume_is_bit_exact(tmp_path):
         "train.lr_decay_steps=4",  # demo.yaml's cosine schedule keeps its horizon across the split run
     ]
     straight = load_config(
-        Config, PKG / "configs" / "demo.yaml", base + ["name=straight", "train.max_steps=4"]
+        Config, PKG / "configs" / "demo.yaml", base + ["run.name=straight", "train.steps=4"]
     )
     sets = phantom_datasets(straight)
     r1 = train(straight, datasets=sets)
-    half = load_config(Config, PKG / "configs" / "demo.yaml", base + ["name=split", "train.max_steps=2"])
+    half = load_config(Config, PKG / "configs" / "demo.yaml", base + ["run.name=split", "train.steps=2"])
     train(half, datasets=sets)
-    full = load_config(Config, PKG / "configs" / "demo.yaml", base + ["name=split", "train.max_steps=4"])
+    full = load_config(Config, PKG / "configs" / "demo.yaml", base + ["run.name=split", "train.steps=4"])
     r2 = train(full, datasets=sets)
     assert r2["start"] == 2 and r1["start"] == 0
     m1, o1, e1 = _states(r1["checkpoint"])
@@ -162,7 +162,7 @@ def test_torchrun_ddp(tmp_path):
         "--config",
         str(PKG / "configs" / "demo.yaml"),
         *tiny_overrides(tmp_path),
-        "train.max_steps=4",
+        "train.steps=4",
         "train.ckpt_every=4",
         "train.val_every=4",
         "train.sample_every=4",
@@ -182,7 +182,7 @@ def test_torchrun_ddp(tmp_path):
 def _det_run(tmp_path, name, batch, *extra):
     return tiny_overrides(tmp_path / name) + [
         f"train.batch_size={batch}",
-        "train.max_steps=3",
+        "train.steps=3",
         "train.ckpt_every=3",
         "train.val_every=3",
         "train.sample_every=0",
@@ -192,14 +192,14 @@ def _det_run(tmp_path, name, batch, *extra):
 
 @pytest.mark.slow
 def test_deterministic_ddp_equals_one_process(tmp_path):
-    """Issue 18, ``train.deterministic``: 2 torchrun ranks x batch 2 equal 1 process x batch 4 after 3 steps
+    """Issue 18, ``run.deterministic``: 2 torchrun ranks x batch 2 equal 1 process x batch 4 after 3 steps
     (generator and both critics; fp32 all-reduce order: rtol 1e-4, atol 1e-5), the spike rule judging the
     global batch on every rank; without the flag the draws are the global generator's, other draws."""
     ck = Path("fda-vae") / "demo" / "checkpoints" / "step_00000003.pt"
-    one = _det_run(tmp_path, "one", 4, "train.deterministic=true", "train.skip_spike_min=1")
+    one = _det_run(tmp_path, "one", 4, "run.deterministic=true", "train.skip_spike_min=1")
     train(load_config(Config, PKG / "configs" / "demo.yaml", one))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = _det_run(tmp_path, "two", 2, "train.deterministic=true", "train.skip_spike_min=1")
+    two = _det_run(tmp_path, "two", 2, "run.deterministic=true", "train.skip_spike_min=1")
     cmd = torchrun_command("-m", "fda_vae.cli", "train", "--config", str(PKG / "configs" / "demo.yaml"), *two)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -221,7 +221,7 @@ def test_deterministic_ddp_equals_one_process(tmp_path):
 
 
 def test_deterministic_step_needs_the_step(tiny_cfg):
-    tiny_cfg.train.deterministic = True
+    tiny_cfg.run.deterministic = True
     tr, _ = _toy_sets()
     t = Trainer(tiny_cfg)
     with pytest.raises(ValueError, match="needs the step index"):
@@ -283,7 +283,7 @@ def test_sigterm_saves_the_step_and_resume_is_exact(tmp_path):
                 return
             time.sleep(0.05)
 
-    pre = load_config(Config, PKG / "configs" / "demo.yaml", base + ["name=pre", "train.max_steps=400"])
+    pre = load_config(Config, PKG / "configs" / "demo.yaml", base + ["run.name=pre", "train.steps=400"])
     sets = phantom_datasets(pre)
     killer = threading.Thread(target=kill_after_rows, args=(3,), daemon=True)
     killer.start()
@@ -295,12 +295,12 @@ def test_sigterm_saves_the_step_and_resume_is_exact(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the guard restored the handler
     assert preempted_exit("fda-vae", res) == 143 and preempted_exit("fda-vae", {"preempted": None}) == 0
     resumed = train(
-        load_config(Config, PKG / "configs" / "demo.yaml", base + ["name=pre", f"train.max_steps={k + 2}"]),
+        load_config(Config, PKG / "configs" / "demo.yaml", base + ["run.name=pre", f"train.steps={k + 2}"]),
         datasets=sets,
     )
     straight = train(
         load_config(
-            Config, PKG / "configs" / "demo.yaml", base + ["name=straight", f"train.max_steps={k + 2}"]
+            Config, PKG / "configs" / "demo.yaml", base + ["run.name=straight", f"train.steps={k + 2}"]
         ),
         datasets=sets,
     )

@@ -18,7 +18,7 @@ def _lrs(t: Trainer) -> list[float]:
 
 
 def test_constant_is_the_official_schedule(tmp_path):
-    cfg = load_config(Config, PKG / "configs" / "paper.yaml", [f"out_root={tmp_path}"])
+    cfg = load_config(Config, PKG / "configs" / "paper.yaml", [f"run.root={tmp_path}"])
     assert cfg.train.lr_schedule == "constant"
     t = Trainer(load_config(Config, PKG / "configs" / "demo.yaml", [*tiny_overrides(tmp_path), "train.lr_schedule=constant"]))
     before = _lrs(t)
@@ -54,14 +54,14 @@ def test_bad_schedule_values(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("train.max_steps=-5", "train.max_steps"), ("data.phantom_phases=[foo,venous]", "data.phantom_phases"),
+    [("train.steps=-5", "train.steps"), ("data.phantom_phases=[foo,venous]", "data.phantom_phases"),
      ("data.phantom_phases=[venous,venous]", "data.phantom_phases")],
 )
 def test_bad_run_values_exit_2_naming_the_key(tmp_path, capsys, override, key):
     """Issue 18: max_steps=-5 used to fall back to epochs (12,008 steps); a bad phase ended in a traceback."""
     from fda_vae.cli import main
 
-    assert main(["train", "--config", str(PKG / "configs" / "demo.yaml"), f"out_root={tmp_path}", override]) == 2
+    assert main(["train", "--config", str(PKG / "configs" / "demo.yaml"), f"run.root={tmp_path}", override]) == 2
     err = capsys.readouterr().err
     assert key in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "fda-vae").exists()

@@ -123,7 +123,7 @@ def test_official_stage2_config_maps_to_stage2_section():
         "dataset": {"image_channels": 1, "patch_size": 64},
     }
     cfg = config_from_official_to_config(s2)
-    assert cfg.ae.stage2.lr == 3e-5 and cfg.ae.stage2.batch == 1 and cfg.ae.stage2.disc_start == 0
+    assert cfg.ae.stage2.lr == 3e-5 and cfg.ae.stage2.batch_size == 1 and cfg.ae.stage2.disc_start == 0
     assert cfg.ae.downsample == 8 and cfg.ae.random_restart and cfg.ae.stage2.amp == "off"
     with pytest.raises(UserError, match="anisotropic"):
         config_from_official_to_config({"model": {"downsample": [4, 4, 8]}})

@@ -58,7 +58,7 @@ def test_config_sections_are_typed_and_paper_keys_commented():
     assert (
         cfg.biflownet.dim == 12 and cfg.biflownet.dim_mults == (1, 1, 2) and cfg.diffusion.sampler == "ddim"
     )
-    assert cfg.controlnet.task_params == {"factor": 4.0} and cfg.train.batch == 2
+    assert cfg.controlnet.task_params == {"factor": 4.0} and cfg.train.batch_size == 2
     with pytest.raises(ConfigError, match="biflownet"):
         demo_config("biflownet.widht=3")
     with pytest.raises(ConfigError):
@@ -190,7 +190,7 @@ def test_multi_resolution_buckets_train_resume_and_sample_each_grid(tmp_path):
     man.write_text("name,class\n" + "".join(f"small{i},{i % 2}\ncase{i},{i % 2}\n" for i in range(4)))
     with pytest.raises(UserError, match="8, 8, 24"):
         train(_cfg(tmp_path, tmp_path / "bad", "train.bucket_batch={8x8x24: 1}"))
-    over = ("train.steps=4", "train.batch=2", "train.bucket_batch={8x8x16: 1}", "train.ckpt_every=2")
+    over = ("train.steps=4", "train.batch_size=2", "train.bucket_batch={8x8x16: 1}", "train.ckpt_every=2")
     train(_cfg(tmp_path, tmp_path / "straight", *over))
     train(_cfg(tmp_path, tmp_path / "resumed", *over, "train.steps=2"))
     train(_cfg(tmp_path, tmp_path / "resumed", *over))
@@ -297,15 +297,15 @@ def test_deterministic_ddp_equals_one_process(tmp_path):
     (tmp_path / "lat").mkdir()
     _latents(tmp_path / "lat", n=8)
     steps = ["train.steps=3", "train.ckpt_every=3", "run.threads=1"]
-    one = _cfg(tmp_path, tmp_path / "one", *steps, "train.batch=4", "run.deterministic=true")
+    one = _cfg(tmp_path, tmp_path / "one", *steps, "train.batch_size=4", "run.deterministic=true")
     train(one)
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     cmd = torchrun_command("-m", "meddiffusion3d.cli", "train", "--config", str(demo),
                            f"train.latents={tmp_path / 'lat'}", f"train.manifest={tmp_path / 'classes.csv'}",
-                           f"run.root={tmp_path / 'two'}", *steps, "train.batch=2", "run.deterministic=true")  # fmt: skip
+                           f"run.root={tmp_path / 'two'}", *steps, "train.batch_size=2", "run.deterministic=true")  # fmt: skip
     r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    plain = _cfg(tmp_path, tmp_path / "plain", *steps, "train.batch=4")
+    plain = _cfg(tmp_path, tmp_path / "plain", *steps, "train.batch_size=4")
     train(plain)
     a = load_checkpoint(latest_checkpoint(one), kind=KIND)
     b = load_checkpoint(tmp_path / "two" / "meddiffusion3d" / "demo" / "biflownet" / "checkpoints"

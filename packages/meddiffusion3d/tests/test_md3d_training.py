@@ -17,7 +17,7 @@ from md3d_testutils import DEMO, demo_config  # noqa: E402
 
 from medsynth_core.distributed import torchrun_command
 
-FAST = ["ae.stage1.disc_start=1", "ae.stage1.ckpt_every=2", "ae.stage1.image_every=100", "data.n_volumes=2"]
+FAST = ["ae.stage1.disc_start=1", "ae.stage1.ckpt_every=2", "ae.stage1.sample_every=100", "data.n_volumes=2"]
 
 
 def _states(path):
@@ -134,14 +134,14 @@ def test_deterministic_ae_stage1_ddp_equals_one_process(tmp_path):
     BatchNorm normalises each process's batch, logged); without the flag the runs differ."""
     from medsynth_core.testing import state_dict_mismatch
 
-    steps = ["ae.stage1.steps=3", "ae.stage1.ckpt_every=3", "ae.stage1.disc_start=10", "ae.stage1.image_every=100",
+    steps = ["ae.stage1.steps=3", "ae.stage1.ckpt_every=3", "ae.stage1.disc_start=10", "ae.stage1.sample_every=100",
              "data.n_volumes=4", "run.threads=1"]  # fmt: skip
-    one = demo_config(f"run.root={tmp_path / 'one'}", *steps, "ae.stage1.batch=4", "run.deterministic=true")
+    one = demo_config(f"run.root={tmp_path / 'one'}", *steps, "ae.stage1.batch_size=4", "run.deterministic=true")
     train_ae(one, 1)
-    plain = demo_config(f"run.root={tmp_path / 'plain'}", *steps, "ae.stage1.batch=4")
+    plain = demo_config(f"run.root={tmp_path / 'plain'}", *steps, "ae.stage1.batch_size=4")
     train_ae(plain, 1)
     cmd = torchrun_command("-m", "meddiffusion3d.cli", "train-ae", "--stage", "1", "--config", str(DEMO),
-                           f"run.root={tmp_path / 'two'}", *steps, "ae.stage1.batch=2", "run.deterministic=true")  # fmt: skip
+                           f"run.root={tmp_path / 'two'}", *steps, "ae.stage1.batch_size=2", "run.deterministic=true")  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = _states(latest_checkpoint(one, 1))["models"]["ae"]

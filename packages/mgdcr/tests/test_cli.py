@@ -121,7 +121,7 @@ def micro_ckpt(tmp_path_factory):
                 "train",
                 "--config",
                 str(MICRO),
-                f"run_root={root}",
+                f"run.root={root}",
                 "train.steps=1",
                 "train.ckpt_every=1",
                 "train.sample_every=0",

@@ -25,7 +25,7 @@ MICRO = PKG / "configs" / "micro.yaml"
 @pytest.fixture(scope="module")
 def micro_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    args = ["train", "--config", str(MICRO), f"run_root={root}", "train.steps=1", "train.sample_every=0"]
+    args = ["train", "--config", str(MICRO), f"run.root={root}", "train.steps=1", "train.sample_every=0"]
     assert main(args) == 0
     return root / "mgdcr" / "micro" / "checkpoints" / "step_00000001.pt"
 

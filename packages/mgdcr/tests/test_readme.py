@@ -61,7 +61,7 @@ def test_readme_lists_the_commands():
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     root = tmp_path / "trainrun"
-    args = ["train", "--config", str(MICRO), f"run_root={root}", "train.steps=1", "inverse.K=8"]
+    args = ["train", "--config", str(MICRO), f"run.root={root}", "train.steps=1", "inverse.K=8"]
     assert main([*args, "train.sample_every=0"]) == 0
     shutil.copy(root / "mgdcr" / "micro" / "checkpoints" / "step_00000001.pt", tmp_path / "prior.pt")
     ph = cardiac_cine(n_frames=14, n_slices=3, size=16, seed=0)  # the README reconstructs frame 13

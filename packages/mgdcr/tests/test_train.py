@@ -24,7 +24,7 @@ MICRO = PKG / "configs" / "micro.yaml"
 
 
 def _cfg(tmp_path, *extra):
-    return load_config(Config, MICRO, [f"run_root={tmp_path}", *extra])
+    return load_config(Config, MICRO, [f"run.root={tmp_path}", *extra])
 
 
 def test_resume_is_bit_exact(tmp_path):
@@ -66,7 +66,7 @@ def test_torchrun_ddp_two_processes(tmp_path):
         "train",
         "--config",
         str(MICRO),
-        f"run_root={tmp_path}",
+        f"run.root={tmp_path}",
         "train.steps=2",
         "train.ckpt_every=2",
         "train.sample_every=0",
@@ -257,7 +257,7 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, capsys):
 
     killer = threading.Thread(target=kill_after_rows, args=(3,), daemon=True)
     killer.start()
-    cmd = ["train", "--config", str(MICRO), f"run_root={tmp_path / 'pre'}", "train.steps=500", *args]
+    cmd = ["train", "--config", str(MICRO), f"run.root={tmp_path / 'pre'}", "train.steps=500", *args]
     assert main(cmd) == 143
     killer.join()
     err = capsys.readouterr().err
@@ -281,13 +281,13 @@ def test_sigterm_checkpoints_and_resume_is_exact(tmp_path, capsys):
 
 
 def test_deterministic_ddp_equals_one_process(tmp_path):
-    """Issue 18, ``train.deterministic``: 2 torchrun ranks x batch 2 equal 1 process x batch 4 after 3 steps
+    """Issue 18, ``run.deterministic``: 2 torchrun ranks x batch 2 equal 1 process x batch 4 after 3 steps
     (fp32 all-reduce order: rtol 1e-4, atol 1e-5); the keyed draws are other draws than the default mode's."""
     extra = ["train.steps=3", "train.ckpt_every=3", "train.sample_every=0", "train.val_every=0"]
-    one = train(_cfg(tmp_path / "one", *extra, "train.batch_size=4", "train.deterministic=true"))
+    one = train(_cfg(tmp_path / "one", *extra, "train.batch_size=4", "run.deterministic=true"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = torchrun_command("-m", "mgdcr.cli", "train", "--config", str(MICRO), f"run_root={tmp_path / 'two'}",
-                           *extra, "train.batch_size=2", "train.deterministic=true")  # fmt: skip
+    cmd = torchrun_command("-m", "mgdcr.cli", "train", "--config", str(MICRO), f"run.root={tmp_path / 'two'}",
+                           *extra, "train.batch_size=2", "run.deterministic=true")  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_checkpoint(one / "checkpoints" / "step_00000003.pt", kind="mgdcr")

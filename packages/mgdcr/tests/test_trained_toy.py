@@ -26,7 +26,7 @@ def toy(tmp_path_factory):
         Config,
         MICRO,
         [
-            f"run_root={root}",
+            f"run.root={root}",
             "train.steps=100",
             "train.ckpt_every=100",
             "train.sample_every=0",

@@ -28,8 +28,8 @@ def test_bad_train_counts_exit_2(tmp_path, capsys):
     from pathlib import Path
 
     demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-    for override, key in (("train.batch_size=0", "train.batch_size"), ("train.max_steps=-3", "train.max_steps")):
-        assert main(["train", "--config", str(demo), f"run_root={tmp_path}", override]) == 2
+    for override, key in (("train.batch_size=0", "train.batch_size"), ("train.steps=-3", "train.steps")):
+        assert main(["train", "--config", str(demo), f"run.root={tmp_path}", override]) == 2
         err = capsys.readouterr().err
         assert key in err and "Traceback" not in err
 

@@ -111,7 +111,7 @@ DATA_KEYS = ("modalities", "sources", "thicknesses", "all_hr", "slice_num", "siz
 def test_spec_official_yaml_converts_to_our_config(name, tmp_path):
     c, gi, di, *_, ours = SPEC[name]
     cfg, notes = official_yaml_to_config(write_spec_yaml(tmp_path, name))
-    assert cfg.name == name
+    assert cfg.run.name == name
     assert cfg.generator.c_dim == cfg.discriminator.c_dim == c == len(cfg.data.modalities)
     # spec §1 / Q8: delta is fed to every mapping net (BraTS/ADNI leave model.G.index_dim at 0)
     assert cfg.generator.index_dim == cfg.discriminator.index_dim == 1

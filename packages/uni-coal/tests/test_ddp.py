@@ -108,7 +108,7 @@ def test_two_ranks_identical_and_equal_to_one_process(tmp_path):
     cfg = load_config(Config, cfg_path, [*OVERRIDES, f"train.batch_size={GLOBAL_BATCH}"])
     one = train(cfg, run_dir=tmp_path / "one", max_steps=STEPS, quiet=True)["trainer"]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # the Trainer's initialisation
+        torch.manual_seed(cfg.run.seed)  # the Trainer's initialisation
         init = {
             "G": UniCOALGenerator(cfg.generator).state_dict(),
             "D": CoModDiscriminator(cfg.discriminator).state_dict(),

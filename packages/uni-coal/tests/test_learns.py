@@ -92,7 +92,7 @@ def test_json_agrees_with_the_nifti_files(demo):
 def test_recipe_and_files(demo):
     out, res, m = demo
     cfg = demo_config()
-    assert m["train"]["steps"] == cfg.train.max_steps and m["train"]["resumed_at"] == cfg.train.max_steps // 2
+    assert m["train"]["steps"] == cfg.train.steps and m["train"]["resumed_at"] == cfg.train.steps // 2
     assert m["train"]["seconds"] + m["eval_seconds"] < 8 * 60  # LEARNING.md budget (2 cores; here 1 thread)
     # the paper's losses: adversarial, L1, R1 (SAM off: no SAM weights in the demo)
     assert (

@@ -57,8 +57,8 @@ def test_torchrun_two_processes(tmp_path):
         "train",
         "--config",
         str(PKG / "configs" / "demo.yaml"),
-        f"run_root={tmp_path}",
-        "train.max_steps=2",
+        f"run.root={tmp_path}",
+        "train.steps=2",
         "train.ckpt_every=2",
         "loss.lambda_sam=0",
     )
@@ -72,21 +72,21 @@ def test_torchrun_two_processes(tmp_path):
 
 @pytest.mark.slow
 def test_deterministic_ddp_equals_one_process(tmp_path):
-    """Issue 18, ``train.deterministic``: 2 torchrun ranks x batch 2 equal 1 process x batch 4 after 3 steps
+    """Issue 18, ``run.deterministic``: 2 torchrun ranks x batch 2 equal 1 process x batch 4 after 3 steps
     (G, D and the EMA within rtol 1e-4 / atol 1e-5 but for rounding that Adam amplifies, see below); z and the
     encoder's dropout masks are keyed per global sample, the minibatch-std groups (2) lie within a rank.
     Without the flag the draws are the global generator's: another run."""
-    extra = ["train.max_steps=3", "train.ckpt_every=3", "train.sample_every=0", "loss.lambda_sam=0",
+    extra = ["train.steps=3", "train.ckpt_every=3", "train.sample_every=0", "loss.lambda_sam=0",
              "discriminator.mbstd_group=2", *TINY_WIDTHS]  # fmt: skip
     ck = Path("uni-coal") / "demo" / "checkpoints" / "step_00000003.pt"
 
     def cfg(root, *o):
-        return load_config(Config, PKG / "configs" / "demo.yaml", [f"run_root={root}", *extra, *o])
+        return load_config(Config, PKG / "configs" / "demo.yaml", [f"run.root={root}", *extra, *o])
 
-    train(cfg(tmp_path / "one", "train.batch_size=4", "train.deterministic=true"), quiet=True)
+    train(cfg(tmp_path / "one", "train.batch_size=4", "run.deterministic=true"), quiet=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = torchrun_command("-m", "uni_coal.cli", "train", "--config", str(PKG / "configs" / "demo.yaml"),
-                           f"run_root={tmp_path / 'two'}", *extra, "train.batch_size=2", "train.deterministic=true")  # fmt: skip
+                           f"run.root={tmp_path / 'two'}", *extra, "train.batch_size=2", "run.deterministic=true")  # fmt: skip
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a = C.load_checkpoint(tmp_path / "one" / ck, kind="uni-coal")["models"]
@@ -106,8 +106,8 @@ def test_deterministic_ddp_equals_one_process(tmp_path):
 def test_deterministic_refuses_groups_across_processes(tmp_path, capsys):
     from uni_coal.cli import main
 
-    rc = main(["train", "--config", str(PKG / "configs" / "demo.yaml"), f"run_root={tmp_path}",
-               "train.deterministic=true", "train.batch_size=2", "discriminator.mbstd_group=4", "loss.lambda_sam=0"])  # fmt: skip
+    rc = main(["train", "--config", str(PKG / "configs" / "demo.yaml"), f"run.root={tmp_path}",
+               "run.deterministic=true", "train.batch_size=2", "discriminator.mbstd_group=4", "loss.lambda_sam=0"])  # fmt: skip
     assert rc == 2 and "discriminator.mbstd_group=4 must divide" in capsys.readouterr().err
 
 

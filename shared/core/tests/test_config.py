@@ -7,6 +7,7 @@ import yaml
 
 from medsynth_core.config import (
     ConfigError,
+    RunSection,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -186,3 +187,46 @@ def test_config_file_resolves_bundled_names(tmp_path):
     assert config_file(None, module) is None
     with pytest.raises(ConfigError, match=r"--config nope: .*bundled: demo, paper"):
         config_file("nope", module)
+
+
+@dataclass
+class Train:
+    steps: int = 10
+    batch_size: int = 2
+
+
+@dataclass
+class Run(RunSection):  # a package's defaults: a subclass (a section given in part starts from the class defaults)
+    name: str = "x"
+
+
+@dataclass
+class Renamed:
+    RENAMED = {"out_dir": "run.root", "train.batchsize": "train.batch_size", "train.seed": "run.seed"}
+    run: Run = field(default_factory=Run)
+    train: Train = field(default_factory=Train)
+
+
+def test_old_spellings_are_refused_from_files_and_moved_from_checkpoints(tmp_path):
+    """Issue 17: one vocabulary. A YAML or override with a replaced spelling exits with the new name; a
+    config stored in an older checkpoint (config_from_dict) loads with its values moved."""
+    from medsynth_core.config import TRAIN_KEYS
+
+    path = write(tmp_path, {"out_dir": "elsewhere", "train": {"batchsize": 4}})
+    with pytest.raises(ConfigError) as exc:
+        load_config(Renamed, path)
+    msg = str(exc.value)
+    assert "'out_dir' is now 'run.root'" in msg and "'train.batchsize' is now 'train.batch_size'" in msg
+    assert "\n" not in msg
+    with pytest.raises(ConfigError, match="'train.seed' is now 'run.seed'"):
+        load_config(Renamed, None, ["train.seed=3"])
+    old = {"out_dir": "elsewhere", "train": {"batchsize": 4, "seed": 7, "steps": 5}}
+    cfg = config_from_dict(Renamed, old)
+    assert (cfg.run.root, cfg.run.seed, cfg.run.name, cfg.train.batch_size, cfg.train.steps) == ("elsewhere", 7, "x", 4, 5)
+    assert old["train"]["batchsize"] == 4  # the caller's mapping is not changed
+    new_wins = config_from_dict(Renamed, {"out_dir": "old", "run": {"root": "new"}})
+    assert new_wins.run.root == "new"
+    assert load_config(Renamed, None, ["run.root=r", "train.batch_size=3"]).train.batch_size == 3
+    with pytest.raises(ConfigError, match="keep_last"):
+        config_from_dict(RunSection, {"keep_last": 0})
+    assert {"steps", "batch_size", "lr"} <= set(TRAIN_KEYS)

@@ -18,7 +18,7 @@ def cases(config: str) -> list[BenchCase]:
         net = build_network(cfg).to(device)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.train.lr)
         diff = build_diffusion(cfg)
-        b, s, nd = cfg.train.batchsize, cfg.diffusion.img_size, cfg.model.ndims
+        b, s, nd = cfg.train.batch_size, cfg.diffusion.img_size, cfg.model.ndims
         x0 = torch.rand([b, 1] + [s] * nd, device=device)
 
         def train_step() -> None:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from medsynth_core.config import (
     ConfigError,
+    RunSection,
     config_file,
     config_from_dict,
     load_config,
@@ -62,7 +63,7 @@ class DiffusionConfig:
 
 @dataclass
 class TrainConfig:
-    batchsize: int = 1  # official configs: 1 (the README's 64/4 disagree, Q17)
+    batch_size: int = 1  # per process; official configs: 1 (the README's 64/4 disagree, Q17)
     lr: float = 1.0e-4  # Adam, default betas/eps, no decay, no scheduler
     steps: int = 1000  # optimiser steps (the official loop counts epochs over the source set)
     # extension: learning-rate schedule over train.steps (constant = official) and linear warm-up steps
@@ -83,29 +84,20 @@ class TrainConfig:
     # multiplies conv_out's default (PyTorch) initial weights and bias; 1 = official init, whose O(0.1)
     # output fields are ~100x the targets (spec section 7), so short runs first spend steps shrinking them
     out_init_scale: float = 1.0
-    seed: int = 0
-    # extension (issue 18): draw every sample's augmentation, level t and forward-process noise from
-    # generators keyed by (seed, step, position in the global batch), so N DDP ranks at batch b equal one
-    # process at batch N*b and an elastic restart equals an uninterrupted run; false = the official
-    # batch-wise draws from the per-rank global generators
-    deterministic: bool = False
     ckpt_every: int = 500
-    image_every: int = 500
+    sample_every: int = 500  # steps between preview PNGs
     log_every: int = 10  # every *_every: 0 = at the last step only (medsynth_core.training.due)
-    keep_last: int = 3
-    threads: int = 0  # torch CPU threads (0 = leave as is); 1 is much faster on small CPUs (spec section 5)
-    device: str = "auto"
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        require(self.batchsize >= 1, "train.batchsize", "must be >= 1")
+        require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr > 0, "train.lr", "must be > 0")
         require(self.dist_eps > 0, "train.dist_eps", "must be > 0")
         require(self.out_init_scale >= 0, "train.out_init_scale", "must be >= 0")
         require(self.steps >= 1, "train.steps", "must be >= 1")
         require(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "must be constant or cosine")
         require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
-        for key in ("ckpt_every", "image_every", "log_every"):
+        for key in ("ckpt_every", "sample_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
 
 
@@ -137,7 +129,7 @@ class AugmentConfig:
     random_permute: bool = (
         True  # official cumulative random flip/transpose before each sample (Q13); false: fix
     )
-    batch: int = 8  # samples recovered together (no effect on the method; ignored with random_permute)
+    batch_size: int = 8  # samples recovered together (no effect on the method; ignored with random_permute)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -146,9 +138,24 @@ class AugmentConfig:
 
 
 @dataclass
+class RunConfig(RunSection):
+    """``run``: runs/drdm/<name>/ under ``root``; seed, device, threads (1 is much faster on small CPUs, spec
+    section 5), checkpoints kept. ``deterministic`` (extension, issue 18): every sample's augmentation, level t
+    and forward-process noise come from generators keyed by (seed, step, position in the global batch), so N
+    DDP ranks at batch b equal one process at batch N*b and an elastic restart equals an uninterrupted run;
+    false = the official batch-wise draws from the per-rank global generators."""
+
+    name: str = "drdm"
+
+
+@dataclass
 class DRDMConfig:
-    name: str = "drdm"  # run name: runs/drdm/<name>/
-    out_dir: str = "runs"
+    # issue 17: one vocabulary across the packages (old spellings are refused with the new name)
+    RENAMED = {"name": "run.name", "out_dir": "run.root", "train.seed": "run.seed", "train.device": "run.device",
+               "train.threads": "run.threads", "train.keep_last": "run.keep_last",
+               "train.deterministic": "run.deterministic", "train.batchsize": "train.batch_size",
+               "train.image_every": "train.sample_every", "augment.batch": "augment.batch_size"}  # fmt: skip
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -182,7 +189,7 @@ OFFICIAL_KEYS = {
     "ddf_pad_mode": ("diffusion", "ddf_pad_mode"),
     "padding_mode": ("diffusion", "padding_mode"),
     "resample_mode": ("diffusion", "resample_mode"),
-    "batchsize": ("train", "batchsize"),
+    "batchsize": ("train", "batch_size"),
     "lr": ("train", "lr"),
     "noise_scale": ("train", "noise_scale"),
     "start_noise_step": ("augment", "start_noise_step"),
@@ -232,7 +239,7 @@ def official_to_dict(data: dict[str, Any], source: str = "official config") -> d
         elif key not in OFFICIAL_IGNORED:
             raise ConfigError(f"{source}: official key '{key}' is unknown; known: {sorted(OFFICIAL_KEYS)}")
     if "data_name" in data:
-        out["name"] = str(data["data_name"])
+        out["run"] = {"name": str(data["data_name"])}
     if data.get("net_name", "recresacnet").lower() != "recresacnet":
         raise ConfigError(f"{source}: net_name '{data['net_name']}' is not supported (only recresacnet)")
     # the official sampler uses a 1-D batch; one "epoch" = one pass, we count optimiser steps instead

@@ -379,9 +379,9 @@ def run_demo(
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config([f"out_dir={out / 'runs'}", *overrides])
-    set_num_threads(cfg.train.threads)
-    run_ckpts = Path(cfg.out_dir) / "drdm" / cfg.name / "checkpoints"
+    cfg = demo_config([f"run.root={out / 'runs'}", *overrides])
+    set_num_threads(cfg.run.threads)
+    run_ckpts = Path(cfg.run.root) / "drdm" / cfg.run.name / "checkpoints"
     if run_ckpts.is_dir() and CheckpointManager(run_ckpts).latest() is not None:
         raise RuntimeError(f"{run_ckpts}: a previous demo run is there; use an empty --out folder")
     half = max(1, cfg.train.steps // 2)

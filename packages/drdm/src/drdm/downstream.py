@@ -150,7 +150,7 @@ def drdm_samples(
     t_starts = [t for t in steps for _ in range(n)]
     torch.manual_seed(seed)
     out_x, out_y = [], []
-    chunk = max(1, int(a.batch)) * max(1, n)
+    chunk = max(1, int(a.batch_size)) * max(1, n)
     for c0 in range(0, x.shape[0], chunk):
         sl = slice(c0, c0 + chunk)
         ts = t_starts[sl]

@@ -213,7 +213,7 @@ def augment_units(
 ) -> list[dict]:
     """Augment one 2D slice or 3D volume (in its own grid) ``aug_coe`` times; returns per-sample arrays.
 
-    Without ``random_permute`` the samples run as batches of ``augment.batch`` (one network call per level
+    Without ``random_permute`` the samples run as batches of ``augment.batch_size`` (one network call per level
     for the whole batch); with it, one by one as the official script does."""
     a, d = cfg.augment, cfg.diffusion
     nd = cfg.model.ndims
@@ -225,7 +225,7 @@ def augment_units(
         else None
     )
     steps = noise_steps(a.start_noise_step, a.noise_step, a.aug_coe, d.timesteps)
-    chunk = 1 if a.random_permute else max(1, a.batch)
+    chunk = 1 if a.random_permute else max(1, a.batch_size)
     mode = d.resample_mode if nd == 2 else "bilinear"
     outs: list[dict] = []
     chunks: list[list[int]] = []

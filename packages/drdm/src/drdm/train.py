@@ -35,7 +35,7 @@ def save_preview(path: Path, x0: torch.Tensor, xt: torch.Tensor, rec: torch.Tens
 
 
 def _keyed_forward(x0: torch.Tensor, step: int, seed: int, augment, diffusion, timesteps: int):
-    """``train.deterministic``: each sample's augmentation, level and forward-process draws come from
+    """``run.deterministic``: each sample's augmentation, level and forward-process draws come from
     generators keyed by (seed, step, its position in the global batch), so they do not depend on how the
     global batch is split over ranks."""
     outs = []
@@ -64,11 +64,11 @@ def lr_at(tc, step: int) -> float:
 def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = None) -> dict[str, Any]:
     """Train ``cfg.train.steps`` optimiser steps (or stop at ``max_steps``). Resumes from ``resume`` or the
     run directory's latest checkpoint (never from foreign files; Q9). Returns the final metrics."""
-    tc = cfg.train
-    T.set_num_threads(tc.threads)
-    with D.distributed_session(_device(tc.device)) as info:
-        D.seed_everything(tc.seed)
-        run = T.RunDir.create(cfg.out_dir, "drdm", cfg.name)
+    tc, rc = cfg.train, cfg.run
+    T.set_num_threads(rc.threads)
+    with D.distributed_session(_device(rc.device)) as info:
+        D.seed_everything(rc.seed)
+        run = T.RunDir.create(rc.root, "drdm", rc.name)
         net = build_network(cfg).to(info.device)
         if tc.out_init_scale != 1.0:  # a resumed run overwrites this with the checkpoint's weights
             with torch.no_grad():
@@ -76,7 +76,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                 net.conv_out.bias.mul_(tc.out_init_scale)
         model = D.wrap_ddp(net, info)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=tc.lr)
-        mgr = C.CheckpointManager(run.checkpoints, keep_last=tc.keep_last)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=rc.keep_last)
         start, resumed = mgr.resume(resume, KIND, models={"network": net}, optimizers={"adam": opt})
         if info.is_main:
             save_config(cfg, run.config)
@@ -84,7 +84,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
         augment = TrainAugment(cfg.model.ndims, tc.noise_scale, tc.geometric_aug)
         dataset = build_dataset(cfg)
         try:
-            loader = T.ResumableLoader(dataset, tc.batchsize, seed=tc.seed, num_workers=tc.num_workers)
+            loader = T.ResumableLoader(dataset, tc.batch_size, seed=rc.seed, num_workers=tc.num_workers)
         except ValueError as exc:
             raise UserError(f"data: {exc}") from exc
         end = tc.steps if max_steps is None else min(tc.steps, max_steps)
@@ -98,8 +98,8 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                 loader.iterate(start, end), total=end, initial=start, desc="drdm train"
             ):
                 model.train()
-                if tc.deterministic:
-                    x0, t, x_t, u_lab = _keyed_forward(x0.to(info.device).float(), step, tc.seed, augment,
+                if rc.deterministic:
+                    x0, t, x_t, u_lab = _keyed_forward(x0.to(info.device).float(), step, rc.seed, augment,
                                                        diffusion, cfg.diffusion.timesteps)  # fmt: skip
                 else:
                     x0 = augment(x0.to(info.device).float())
@@ -129,7 +129,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                 last = D.all_reduce_dict({k: v.detach() for k, v in terms.items()})
                 if T.due(done, tc.log_every, end):
                     logger.log(done, last)
-                if info.is_main and T.due(done, tc.image_every, end):
+                if info.is_main and T.due(done, tc.sample_every, end):
                     with torch.no_grad():
                         rec = warp(
                             x_t, pred.detach(), mode="bilinear", padding_mode=cfg.diffusion.img_pad_mode

@@ -1,4 +1,4 @@
-"""Mixed precision (``train.amp`` / ``--amp``): ``off`` | ``bf16`` | ``fp16`` autocast on CUDA.
+"""Mixed precision (``run.amp`` / ``--amp``): ``off`` | ``bf16`` | ``fp16`` autocast on CUDA.
 
 The official code imports GradScaler/autocast but never uses them (spec §3), so ``off`` is the faithful
 default. AMP is CUDA-only: on the CPU every mode resolves to ``off`` (a plain fp32 run), so CPU results
@@ -21,7 +21,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 log = logging.getLogger("fda_vae")
 
 
-def resolve_amp(mode: str, device: torch.device | str, source: str = "train.amp") -> str:
+def resolve_amp(mode: str, device: torch.device | str, source: str = "run.amp") -> str:
     """The mode that will run on ``device``: ``off`` on anything but CUDA (logged when that drops a request)."""
     if mode not in AMP_MODES:
         raise UserError(f"{source}={mode!r}: must be one of {', '.join(AMP_MODES)}")

@@ -28,7 +28,7 @@ def _setup(config: str, device: torch.device) -> dict[str, Any]:
     from .train import Trainer
 
     cfg = _config(config)
-    cfg.device = str(device)
+    cfg.run.device = str(device)
     torch.manual_seed(0)
     from medsynth_core.distributed import DistInfo
 

@@ -43,12 +43,12 @@ def _add_amp(p: argparse.ArgumentParser, default: str | None, extra: str = "") -
 # ------------------------------------------------------------------------------------------- train
 def add_train(p: argparse.ArgumentParser) -> None:
     add_train_arguments(p)
-    _add_amp(p, None, " (default: the config's train.amp, off)")
+    _add_amp(p, None, " (default: the config's run.amp, off)")
 
 
 def train_overrides(args: argparse.Namespace) -> list[str]:
-    """The config overrides of ``train``: the ``key=value`` arguments, then ``--amp`` as ``train.amp``."""
-    return [*args.overrides, *([f"train.amp={args.amp}"] if args.amp else [])]
+    """The config overrides of ``train``: the ``key=value`` arguments, then ``--amp`` as ``run.amp``."""
+    return [*args.overrides, *([f"run.amp={args.amp}"] if args.amp else [])]
 
 
 def cmd_train(args: argparse.Namespace) -> int:

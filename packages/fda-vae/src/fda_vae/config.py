@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medsynth_core.config import require
+from medsynth_core.config import RunSection, require
 
 KIND = "fda-vae"
 
@@ -110,7 +110,6 @@ class DataConfig:
     test_ratio: float = 0.0  # > 0: optional held-out test patients (spec §6.7); 0 = official train/val only
     split_seed: int = 42
     sort_pairs: bool = True  # spec §6.5 fix: sorted pair list (identical on every rank)
-    num_workers: int = 0
     phantom_phases: list[str] = field(default_factory=lambda: ["venous", "delay"])
     phantom_train: int = 32
     phantom_val: int = 4
@@ -141,7 +140,7 @@ class TrainConfig:
     lr_d: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
     epochs: int = 1501
-    max_steps: int = 0  # > 0 overrides epochs
+    steps: int = 0  # > 0 overrides epochs
     # extension (not in the official code, whose LambdaLR is 1): "cosine" anneals lr_g and lr_d from their
     # value to 0 over lr_decay_steps (0: the run's total steps); a pure function of the step, so resume is exact
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -155,29 +154,14 @@ class TrainConfig:
     val_sampled: bool = False  # spec §6.3: official validation decodes −μ+σε; default deterministic −μ
     sample_every: int = 1000  # steps between PNG grids
     log_every: int = 50
-    keep_last: int = 3
-    seed: int = 0
-    # issue 18: every ε keyed by (seed, step, global sample position) so N DDP ranks equal one process at the
-    # same global batch; default false = the official draws from the global generator (seed + rank per rank)
-    deterministic: bool = False
-    threads: int = 0
-    # mixed precision on CUDA: off (official: no AMP) | bf16 | fp16 (with a GradScaler); ignored (off) on CPU.
-    # YAML reads a bare `off` as false, which means "off" too
-    amp: str | bool = "off"
+    num_workers: int = 0
 
     def __post_init__(self) -> None:
-        if self.amp is False:
-            self.amp = "off"
-        require(
-            self.amp in ("off", "bf16", "fp16"), "train.amp", f"must be off, bf16 or fp16, got {self.amp!r}"
-        )
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr_g > 0, "train.lr_g", "must be > 0")
         require(self.lr_d > 0, "train.lr_d", "must be > 0")
-        require(
-            self.max_steps >= 0, "train.max_steps", "must be >= 0 (0: train.epochs decides the run length)"
-        )
-        require(self.epochs >= 1 or self.max_steps > 0, "train.epochs", "must be >= 1")
+        require(self.steps >= 0, "train.steps", "must be >= 0 (0: train.epochs decides the run length)")
+        require(self.epochs >= 1 or self.steps > 0, "train.epochs", "must be >= 1")
         require(self.lr_decay_steps >= 0, "train.lr_decay_steps", "must be >= 0 (0: the run's total steps)")
         for key in ("ckpt_every", "sample_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
@@ -191,10 +175,31 @@ class EvalConfig:
 
 
 @dataclass
-class Config:
+class RunConfig(RunSection):
+    """``run`` (the section every medsynth package shares): <root>/fda-vae/<name>/, seed, device, threads.
+    ``deterministic`` (issue 18): every ε keyed by (seed, step, global sample position) so N DDP ranks equal one
+    process at the same global batch; false = the official draws from the global generator (seed + rank).
+    ``amp``: mixed precision on CUDA, off (official: no AMP) | bf16 | fp16 (with a GradScaler); ignored (off)
+    on CPU. YAML reads a bare `off` as false, which means "off" too."""
+
     name: str = "paper"
-    out_root: str = "runs"
-    device: str = "auto"
+    amp: str | bool = "off"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.amp is False:
+            self.amp = "off"
+        require(self.amp in ("off", "bf16", "fp16"), "run.amp", f"must be off, bf16 or fp16, got {self.amp!r}")
+
+
+@dataclass
+class Config:
+    # issue 17: one vocabulary across the packages (old spellings are refused with the new name)
+    RENAMED = {"name": "run.name", "out_root": "run.root", "device": "run.device", "train.seed": "run.seed",
+               "train.threads": "run.threads", "train.keep_last": "run.keep_last",
+               "train.deterministic": "run.deterministic", "train.amp": "run.amp", "train.max_steps": "train.steps",
+               "data.num_workers": "train.num_workers"}  # fmt: skip
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     loss: LossConfig = field(default_factory=LossConfig)

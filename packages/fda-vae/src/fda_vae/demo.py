@@ -31,9 +31,7 @@ HELDOUT_SEED_OFFSET = 2  # held-out subjects: data.phantom_seed + 2 (train: + 0,
 # The same settings as configs/demo.yaml (used when the package is installed without its configs folder;
 # a test keeps the two identical).
 DEMO_CONFIG: dict[str, Any] = {
-    "name": "demo",
-    "out_root": "runs",
-    "device": "cpu",
+    "run": {"name": "demo", "root": "runs", "device": "cpu", "threads": 1},
     "model": {"channels": [16, 32], "num_res_blocks": 1, "latent_channels": 8, "norm_num_groups": 4},
     "disc": {"num_layers_d": 2, "channels": 8},
     "loss": {"w_perc": 0.0},
@@ -50,12 +48,11 @@ DEMO_CONFIG: dict[str, Any] = {
         "lr_g": 2.0e-3,
         "lr_d": 1.0e-4,
         "lr_schedule": "cosine",
-        "max_steps": 1500,
+        "steps": 1500,
         "ckpt_every": 750,
         "val_every": 750,
         "sample_every": 750,
         "log_every": 50,
-        "threads": 1,
     },
     "eval": {"batch_size": 16},
 }
@@ -138,14 +135,14 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, heldout_cases:
     for stale in (run_root, out / "heldout"):
         if stale.exists():
             shutil.rmtree(stale)  # a fresh run every time (our own folders)
-    cfg = demo_config([f"out_root={run_root}", *(overrides or [])])
+    cfg = demo_config([f"run.root={run_root}", *(overrides or [])])
     datasets = phantom_datasets(cfg)
-    total = cfg.train.max_steps
+    total = cfg.train.steps
     half = total // 2
     t0 = time.perf_counter()
     first_dict = config_to_dict(cfg)
     # the first half keeps the full run's schedule horizon, so the resumed run equals an uninterrupted one
-    first_dict["train"] = {**first_dict["train"], "max_steps": half, "lr_decay_steps": cfg.train.lr_decay_steps or total}
+    first_dict["train"] = {**first_dict["train"], "steps": half, "lr_decay_steps": cfg.train.lr_decay_steps or total}
     first = train(config_from_dict(Config, first_dict), datasets=datasets)
     second = train(cfg, datasets=datasets)  # resumes from the step-`half` checkpoint
     train_s = time.perf_counter() - t0
@@ -154,7 +151,7 @@ def run_demo(out: str | Path, overrides: list[str] | None = None, heldout_cases:
     model, cfg = load_generator(Path(second["checkpoint"]))
     phases = tuple(cfg.data.phantom_phases)
     test = heldout_dataset(cfg, heldout_cases)
-    tasks = heldout_tasks(model, test, phases, out / "heldout", seed=cfg.train.seed)
+    tasks = heldout_tasks(model, test, phases, out / "heldout", seed=cfg.run.seed)
     H.save_heldout_figure(out / "figure.png", tasks, max_cases=4, scale=3, baseline_errors=True)
     # NIfTI round trip through the synthesize verb's code path (a held-out source slice)
     nii = write_image(test.a[0, 0].T.copy(), out / "synth" / f"{phases[0]}_slice.nii.gz")

@@ -238,7 +238,7 @@ class FDAVAE(nn.Module):
         """Training forward (Yshape:890-914): own branch z = μ+σε, cross branch z' = −μ+σε' with
         independent noise drawn after the own branch's. ``sample=False`` decodes μ and −μ
         (the official ``val_reconstruct``). ``noise(k, sigma)`` (k = 0 own, 1 cross), when given, supplies
-        ε instead of the generators (``train.deterministic``)."""
+        ε instead of the generators (``run.deterministic``)."""
         check_phase(src)
         mu, logvar = self.encode_logvar(x)
         sigma = torch.exp(0.5 * logvar)

@@ -76,7 +76,7 @@ class Trainer:
         self.opt_d = {k: torch.optim.Adam(v.parameters(), lr=tc.lr_d, **adam) for k, v in self.discs.items()}
         self.spikes: collections.deque[float] = collections.deque(maxlen=tc.skip_spike_window)
         self.skipped = 0
-        self.amp = resolve_amp(tc.amp, dev)  # "off" on CPU: CPU runs are plain fp32
+        self.amp = resolve_amp(cfg.run.amp, dev)  # "off" on CPU: CPU runs are plain fp32
         self.scaler = grad_scaler(self.amp)  # enabled only for fp16; disabled it is the identity
 
     def set_lr(self, step: int, total: int) -> float:
@@ -96,10 +96,10 @@ class Trainer:
     def is_spike(self, rec: float) -> bool:
         """Abnormal-batch rule (train_v3.py:120-143): with more than ``skip_spike_min`` values in the
         window, L_rec > factor × window mean skips the batch on every rank; the value is still pushed.
-        ``train.deterministic`` judges the global batch's mean (official: each rank its own batch; a spike
+        ``run.deterministic`` judges the global batch's mean (official: each rank its own batch; a spike
         on any rank skips all)."""
         tc = self.cfg.train
-        if tc.deterministic:  # the global batch's mean L_rec (equal local batches), as one process sees it
+        if self.cfg.run.deterministic:  # the global batch's mean L_rec (equal local batches), as one process sees it
             rec = D.all_reduce_dict({"rec": rec}, op="mean")["rec"]
         local = len(self.spikes) > tc.skip_spike_min and rec > tc.skip_spike_factor * (
             sum(self.spikes) / len(self.spikes)
@@ -108,10 +108,10 @@ class Trainer:
         return D.all_reduce_dict({"skip": float(local)}, op="max")["skip"] > 0
 
     def keyed_noise(self, step: int):
-        """``train.deterministic`` (issue 18): ε of each sample from a generator keyed by (seed, step, the
+        """``run.deterministic`` (issue 18): ε of each sample from a generator keyed by (seed, step, the
         sample's position in the global batch, which draw), so N ranks and one process at the same global
         batch draw the same ε whatever the split. Returns ``noise(k, like)`` for :meth:`FDAVAE.forward`."""
-        seed = self.cfg.train.seed
+        seed = self.cfg.run.seed
 
         def noise(k: int, like: torch.Tensor) -> torch.Tensor:
             eps = []
@@ -123,14 +123,14 @@ class Trainer:
         return noise
 
     def step(self, batch: dict[str, Any], step: int | None = None) -> dict[str, float]:
-        """One iteration; ``step`` (0-based) keys the draws of ``train.deterministic`` and is needed there."""
+        """One iteration; ``step`` (0-based) keys the draws of ``run.deterministic`` and is needed there."""
         dev = self.info.device
         x_a = batch["a"].to(dev, non_blocking=True)
         x_b = batch["b"].to(dev, non_blocking=True)
         noise = None
-        if self.cfg.train.deterministic:
+        if self.cfg.run.deterministic:
             if step is None:
-                raise ValueError("train.deterministic needs the step index: call Trainer.step(batch, step)")
+                raise ValueError("run.deterministic needs the step index: call Trainer.step(batch, step)")
             noise = self.keyed_noise(step)
         self.pair.train()
         with autocast(self.amp, dev):
@@ -181,7 +181,7 @@ class Trainer:
         dev = self.info.device
         gen = None
         if self.cfg.train.val_sampled:
-            gen = torch.Generator(device=dev).manual_seed(self.cfg.train.seed * 7919 + step)
+            gen = torch.Generator(device=dev).manual_seed(self.cfg.run.seed * 7919 + step)
         sums = {"psnr_a2b": 0.0, "psnr_b2a": 0.0, "mae_a2b": 0.0, "mae_b2a": 0.0, "n": 0.0}
         idx = list(range(self.info.rank, len(dataset), self.info.world_size))
         bs = self.cfg.eval.batch_size
@@ -260,27 +260,27 @@ def train(cfg: Config, resume: str | None = None, datasets=None) -> dict[str, An
 
     from .data import build_datasets
 
-    check_output_path(Path(cfg.out_root) / KIND / cfg.name, what="run folder")  # before the data (issue 18)
-    T.set_num_threads(cfg.train.threads)
-    with D.distributed_session(cfg.device) as info:
-        D.seed_everything(cfg.train.seed)
+    check_output_path(Path(cfg.run.root) / KIND / cfg.run.name, what="run folder")  # before the data (issue 18)
+    T.set_num_threads(cfg.run.threads)
+    with D.distributed_session(cfg.run.device) as info:
+        D.seed_everything(cfg.run.seed)
         train_ds, val_ds = datasets if datasets is not None else build_datasets(cfg)
-        run = T.RunDir.create(cfg.out_root, KIND, cfg.name)
+        run = T.RunDir.create(cfg.run.root, KIND, cfg.run.name)
         if info.is_main:
             save_config(cfg, run.config)
         D.barrier()
         trainer = Trainer(cfg, info)
-        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
         tc = cfg.train
         loader = T.ResumableLoader(
             train_ds,
             tc.batch_size,
-            seed=tc.seed,
+            seed=cfg.run.seed,
             shuffle=True,
             drop_last=True,
-            num_workers=cfg.data.num_workers,
+            num_workers=cfg.train.num_workers,
         )
-        total = tc.max_steps if tc.max_steps > 0 else tc.epochs * loader.steps_per_epoch
+        total = tc.steps if tc.steps > 0 else tc.epochs * loader.steps_per_epoch
         val_every = tc.val_every or loader.steps_per_epoch
         start, best = 0, -math.inf
         src = mgr.resume_source(resume)

@@ -36,7 +36,7 @@ def _train_step_case() -> BenchCase:
         )
         loss_fn = AELoss(cfg.ae).to(device)
         opt = torch.optim.Adam(ae.trainable_parameters(), lr=cfg.ae.stage1.lr, betas=(0.5, 0.9))
-        b, p = cfg.ae.stage1.batch, cfg.data.patch
+        b, p = cfg.ae.stage1.batch_size, cfg.data.patch
         x = torch.rand(b, 1, p, p, p, device=device) * 2 - 1
 
         def step() -> None:

@@ -382,13 +382,13 @@ def summarize(cfg) -> dict:
             "discriminator": count_parameters(disc),
         },
         "shapes": {
-            "stage1_patch_in": [cfg.ae.stage1.batch, cfg.ae.image_channels, p, p, p],
+            "stage1_patch_in": [cfg.ae.stage1.batch_size, cfg.ae.image_channels, p, p, p],
             "latent_per_patch": [e, p // ds, p // ds, p // ds],
             "volume_256_latent": [e, 256 // ds, 256 // ds, 256 // ds],
             "decoder_out_per_patch": [cfg.ae.image_channels, p, p, p],
-            "biflownet_in_out": [cfg.train.batch, cfg.biflownet.channels, *lat],
+            "biflownet_in_out": [cfg.train.batch_size, cfg.biflownet.channels, *lat],
             "biflownet_latent_multiple": list(bf.shape_multiple),
-            "controlnet_hint": [cfg.train.batch, cc.hint_channels, *lat],
+            "controlnet_hint": [cfg.train.batch_size, cc.hint_channels, *lat],
             "controlnet_controls": len(cn.level_channels) + 1,
         },
     }

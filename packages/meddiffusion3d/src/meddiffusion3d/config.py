@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medsynth_core.config import require
+from medsynth_core.config import RunSection, require
 
 
 def _amp(value, when_true: str, key: str) -> str:
@@ -26,24 +26,24 @@ def _amp(value, when_true: str, key: str) -> str:
 @dataclass
 class StageConfig:
     steps: int = 1_000_000  # optimiser steps (Lightning global_step; spec §1.3 max_steps 1e6)
-    batch: int = 24  # patches per step (stage 1) / volumes (stage 2: 1)
+    batch_size: int = 24  # patches per step and process (stage 1) / volumes (stage 2: 1)
     lr: float = 3e-4  # Adam lr for AE and discriminator
     betas: tuple[float, float] = (0.5, 0.9)
     disc_start: int = 20_000  # s_D: GAN + feature matching switch on after this step
     ckpt_every: int = 3000
     log_every: int = 50
-    image_every: int = 1000
+    sample_every: int = 1000  # PNG previews
     # off | bf16 | fp16 (fp16 with GradScalers); official: bf16-mixed for 4×, fp32 for 8×; fp32 on CPU always
     amp: Literal["off", "bf16", "fp16"] | bool = "off"
 
     def __post_init__(self) -> None:
         self.amp = _amp(self.amp, "bf16", "amp")
         require(self.steps > 0, "steps", "must be > 0")
-        require(self.batch > 0, "batch", "must be > 0")
+        require(self.batch_size > 0, "batch_size", "must be > 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.disc_start >= 0, "disc_start", "must be >= 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
-        require(self.log_every >= 0 and self.image_every >= 0, "log_every", "and image_every must be >= 0")
+        require(self.log_every >= 0 and self.sample_every >= 0, "log_every", "and sample_every must be >= 0")
 
 
 @dataclass
@@ -77,7 +77,7 @@ class AEConfig:
     stage2_freeze: bool = True  # §6.1: stage-2 frozen modules pinned to eval, codebook never updates
     perceptual_eval: bool = True  # §6.2: LPIPS dropout off (official: live in training)
     stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: StageConfig = field(default_factory=lambda: StageConfig(batch=1, lr=3e-5, disc_start=0))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(batch_size=1, lr=3e-5, disc_start=0))
 
     def __post_init__(self) -> None:
         require(
@@ -132,18 +132,16 @@ class InferConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RunSection):
+    """``run`` (the section every medsynth package shares): runs/<package>/<name>/ under ``root``, seed, device,
+    CPU threads (0: torch's default), checkpoints kept. ``deterministic`` (issue 18): BiFlowNet and ControlNet
+    training draw each sample's t, ε and class drop from a generator keyed by (seed, step, global sample
+    position), and the AE stages their codebook restart codes and tri-plane slices from the global batch with
+    a (seed, step) generator, so N DDP ranks equal one process at the same global batch (AE: until BatchNorm,
+    the discriminator's, starts); false = per-rank draws."""
+
     name: str = "patchvolume"
-    root: str = "runs"  # runs/<package>/<name>/
     seed: int = 1234
-    device: str = "auto"
-    threads: int = 0  # torch CPU threads (0: torch default)
-    keep_last: int = 3
-    # issue 18: BiFlowNet and ControlNet training draw each sample's t, ε and class drop from a generator keyed
-    # by (seed, step, global sample position), and the AE stages their codebook restart codes and tri-plane
-    # slices from the global batch with a (seed, step) generator, so N DDP ranks equal one process at the same
-    # global batch (AE: until BatchNorm, the discriminator's, starts); default false = per-rank draws
-    deterministic: bool = False
 
 
 @dataclass
@@ -214,16 +212,15 @@ class TrainConfig:
     manifest: str | None = None  # CSV (name,class) or JSON {name: class}; classes as index or name
     autoencoder: str | None = None  # AE checkpoint that wrote the latents (used by generate)
     steps: int = 1_000_000
-    batch: int = 16  # latents per process
+    batch_size: int = 16  # latents per process
     lr: float = 1e-4  # Adam, default betas, constant
     # off | bf16 | fp16; official: fp16 autocast + GradScaler (train_BiFlowNet_SingleRes.py); fp32 on CPU always
     amp: Literal["off", "bf16", "fp16"] | bool = "fp16"
     ckpt_every: int = 500
     log_every: int = 100
-    threads: int = 0  # torch CPU threads (0: run.threads)
     num_workers: int = 0
     # multi-resolution ("universal", spec §2) training: latents of several shapes train together, each batch
-    # from one shape; "DxHxW" (latent shape) -> latents per process for that bucket, others use `batch`
+    # from one shape; "DxHxW" (latent shape) -> latents per process for that bucket, others use `batch_size`
     bucket_batch: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -232,7 +229,7 @@ class TrainConfig:
             require(bucket_shape(key) is not None, f"bucket_batch.{key}", "must be a latent shape like 8x40x40")
             require(int(b) > 0, f"bucket_batch.{key}", "must be > 0")
         require(self.steps > 0, "steps", "must be > 0")
-        require(self.batch > 0, "batch", "must be > 0")
+        require(self.batch_size > 0, "batch_size", "must be > 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
@@ -247,7 +244,7 @@ class ControlNetConfig:
     class_label: int = 0  # y for every fine-tuning sample (official: 0)
     base: str | None = None  # BiFlowNet checkpoint (its EMA weights are the frozen base)
     steps: int = 10_000
-    batch: int = 1
+    batch_size: int = 1
     lr: float = 1e-4  # Adam (not given by the authors)
     control_scales: tuple[float, ...] = (1.0,)  # one value for all, or one per level + mid
     ckpt_every: int = 500
@@ -259,13 +256,18 @@ class ControlNetConfig:
 
     def __post_init__(self) -> None:
         require(self.hint_channels > 0, "hint_channels", "must be > 0")
-        require(self.steps > 0 and self.batch > 0, "steps", "and batch must be > 0")
+        require(self.steps > 0 and self.batch_size > 0, "steps", "and batch_size must be > 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.ckpt_every > 0 and self.log_every >= 0, "ckpt_every", "must be > 0 (log_every >= 0)")
 
 
 @dataclass
 class Config:
+    # issue 17: one vocabulary across the packages (old spellings are refused with the new name)
+    RENAMED = {"ae.stage1.batch": "ae.stage1.batch_size", "ae.stage2.batch": "ae.stage2.batch_size",
+               "ae.stage1.image_every": "ae.stage1.sample_every", "ae.stage2.image_every": "ae.stage2.sample_every",
+               "train.batch": "train.batch_size", "train.threads": "run.threads",
+               "controlnet.batch": "controlnet.batch_size"}  # fmt: skip
     data: DataConfig = field(default_factory=DataConfig)
     ae: AEConfig = field(default_factory=AEConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -86,7 +86,7 @@ def config_from_official(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if "lr" in model:
         st["lr"] = float(model["lr"])
     if "batch_size" in model:
-        st["batch"] = int(model["batch_size"])
+        st["batch_size"] = int(model["batch_size"])
     if "discriminator_iter_start" in model:
         st["disc_start"] = int(model["discriminator_iter_start"])
     if "max_steps" in model:

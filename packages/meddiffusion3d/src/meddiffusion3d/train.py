@@ -156,21 +156,21 @@ def draw_generators(cfg, step: int, local_batch: int, rank: int, device: torch.d
 
 
 def _bucket_batches(tc, grids: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], int]:
-    """Per-process batch of every latent grid: ``train.bucket_batch["DxHxW"]``, else ``train.batch``."""
+    """Per-process batch of every latent grid: ``train.bucket_batch["DxHxW"]``, else ``train.batch_size``."""
     given = {bucket_shape(k): int(v) for k, v in tc.bucket_batch.items()}
     unknown = sorted(set(given) - set(grids))
     if unknown:
         raise UserError(
             f"train.bucket_batch names latent grids {unknown} that no latent has (found {sorted(grids)})"
         )
-    return {g: given.get(g, tc.batch) for g in grids}
+    return {g: given.get(g, tc.batch_size) for g in grids}
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> dict:
     """Train BiFlowNet on ``cfg.train.latents``; returns ``run_dir``, ``start``, ``step`` and ``preempted`` (the
     signal's name when SIGTERM stopped it after checkpointing that step, else None)."""
     tc, dc = cfg.train, cfg.diffusion
-    T.set_num_threads(tc.threads or cfg.run.threads)
+    T.set_num_threads(cfg.run.threads)
     with D.distributed_session(cfg.run.device) as info:
         D.seed_everything(cfg.run.seed)
         ds = LatentDataset(tc.latents, tc.manifest, cfg.biflownet.classes, cfg.biflownet.channels)
@@ -197,7 +197,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
         # the loader shards every global batch over the ranks (spec §6.9: no rank walks all the data); several
         # latent grids: one resolution bucket per batch, all ranks on the same bucket at each step (spec §2)
         if len(ds.grids) == 1:
-            loader = T.ResumableLoader(ds, tc.batch, seed=cfg.run.seed, num_workers=tc.num_workers)
+            loader = T.ResumableLoader(ds, tc.batch_size, seed=cfg.run.seed, num_workers=tc.num_workers)
         else:
             loader = T.BucketLoader(ds, ds.shapes, loader_of, seed=cfg.run.seed, num_workers=tc.num_workers)
             log.info("resolution buckets (latent grid: batch per process): %s", loader_of)

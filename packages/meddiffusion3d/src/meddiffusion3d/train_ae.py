@@ -120,8 +120,8 @@ def train_ae(
                 source, cfg.data.patch, seed=cfg.run.seed, flip_p=cfg.data.flip_p, rot_p=cfg.data.rot_p
             )
         else:
-            ds = WholeVolumeDataset(source, cfg.data, seed=cfg.run.seed, augment=True, batch=sc.batch)
-        loader = T.ResumableLoader(ds, sc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+            ds = WholeVolumeDataset(source, cfg.data, seed=cfg.run.seed, augment=True, batch=sc.batch_size)
+        loader = T.ResumableLoader(ds, sc.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         patch = cfg.data.patch if stage == 2 else None
         ckpt_cfg = config_to_dict(cfg)
         if info.is_main:
@@ -185,7 +185,7 @@ def train_ae(
                         D.all_reduce_dict({k: float(v) for k, v in logs.items()}),
                         prefix=f"stage{stage}",
                     )
-                if info.is_main and T.due(step + 1, sc.image_every, sc.steps):
+                if info.is_main and T.due(step + 1, sc.sample_every, sc.steps):
                     save_volume_views(
                         run.images / f"step_{step + 1:08d}.png",
                         [x[0, 0].detach().cpu(), x_recon[0, 0].detach().float().cpu()],

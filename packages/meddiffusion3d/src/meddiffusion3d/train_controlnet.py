@@ -78,7 +78,7 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
             "controlnet.base is not set: pass controlnet.base=<BiFlowNet checkpoint from `train`>"
         )
     check_task_params(cc.task, cc.task_params)
-    T.set_num_threads(cfg.train.threads or cfg.run.threads)
+    T.set_num_threads(cfg.run.threads)
     with D.distributed_session(cfg.run.device) as info:
         D.seed_everything(cfg.run.seed)
         device = info.device
@@ -101,7 +101,7 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
         ddp = D.wrap_ddp(m, info)
         if cc.cache_latents:
             ds = cached_pairs(ds, cfg, enc, device)
-        loader = T.ResumableLoader(ds, cc.batch, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
+        loader = T.ResumableLoader(ds, cc.batch_size, seed=cfg.run.seed, num_workers=cfg.data.num_workers)
         ckpt_cfg = config_to_dict(cfg)
         if info.is_main:
             save_config(cfg, run.config)  # resolved: biflownet/diffusion are the frozen base's

@@ -278,7 +278,7 @@ def _reconstruct(args: argparse.Namespace) -> int:
         raise UserError("give LAX views (--lax ...) or fork-style --lax-volume/--lax-mask")
     d = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
     prior = DiffAEPrior(model, d, ic.encode_steps, ic.decode_steps, ic.checkpoint, ic.flip_h)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.run.seed)
     out = Path(args.out)
     stem = Path(args.sax).name.split(".")[0]
     if args.heldout is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medsynth_core.config import require
+from medsynth_core.config import RunSection, require
 
 from .model import ModelConfig
 
@@ -62,7 +62,6 @@ class TrainConfig:
     ckpt_every: int = 10000
     sample_every: int = 10000  # PNG previews (reconstructions + random samples, ddim20)
     log_every: int = 100
-    keep_last: int = 3
     # validation on the subject-level split (data.val_fraction; the fork used val = train): reconstruction
     # PSNR of val_samples validation slices with inferred x_T (EMA weights, ddim val_steps; 0 = eval_steps),
     # every val_every steps (0: at the last step only); the best is kept as checkpoints/best.pt
@@ -71,9 +70,6 @@ class TrainConfig:
     val_steps: int = 0
     fp16: bool = False  # fork's "16-mixed" runs the maths in fp32 (autocast off in training_step)
     num_workers: int = 0
-    # issue 18 (not in the fork): draw each sample's level t and noise from a generator keyed by (seed, step,
-    # its position in the global batch), so N ranks and one process at the same global batch agree
-    deterministic: bool = False
 
     def __post_init__(self) -> None:
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
@@ -189,11 +185,21 @@ class DemoConfig:
 
 
 @dataclass
-class Config:
+class RunConfig(RunSection):
+    """``run`` (the section every medsynth package shares): <root>/mgdcr/<name>/ (the latent DDIM in
+    <name>-latent), seed, device, threads, checkpoints kept. ``deterministic`` (issue 18, not in the fork):
+    each sample's level t and noise from a generator keyed by (seed, step, its position in the global
+    batch), so N ranks and one process at the same global batch agree."""
+
     name: str = "paper"
-    seed: int = 0
-    device: str = "auto"
-    run_root: str = "runs"
+
+
+@dataclass
+class Config:
+    # issue 17: one vocabulary across the packages (old spellings are refused with the new name)
+    RENAMED = {"name": "run.name", "seed": "run.seed", "device": "run.device", "run_root": "run.root",
+               "train.keep_last": "run.keep_last", "train.deterministic": "run.deterministic"}  # fmt: skip
+    run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)

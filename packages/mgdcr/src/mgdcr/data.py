@@ -140,7 +140,7 @@ def build_datasets(cfg: Config) -> tuple[SliceDataset, SliceDataset | None]:
             vols.append(normalise_cine(arr, d))
             names.append(str(f))
     pairs = list(zip(vols, names))
-    tr, va = subject_split(pairs, d.val_fraction, cfg.seed)
+    tr, va = subject_split(pairs, d.val_fraction, cfg.run.seed)
     train = SliceDataset([v for v, _ in tr], size, d.drop_empty_slices, [n for _, n in tr])
     if len(train) == 0:
         raise UserError(f"no training slices found (data.source={d.source}, root={d.root!r})")

@@ -198,7 +198,7 @@ def run_demo(
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, cfg_path = demo_config(config, list(overrides or []) + [f"run_root={out / 'runs'}"])
+    cfg, cfg_path = demo_config(config, list(overrides or []) + [f"run.root={out / 'runs'}"])
     for stale in (out / "heldout", out / "dense"):
         shutil.rmtree(stale, ignore_errors=True)
     trained = set(range(1, cfg.data.phantom_subjects + 1)) if cfg.data.source == "phantom" else set()
@@ -245,7 +245,7 @@ def run_demo(
         case = demo_case(cfg, seed)
         grid = case["grid"]
         held = heldout_slices(grid.D, ic.K)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         res = reconstruct(dprior, case["sax"], case["sax_affine"], case["planes"], ic)
         iters.append(res.iterations)
         vols = {"pred": res.volume, "z_linear": linear_interp_z(case["sax"], ic.K), "seeds": res.seeds}

@@ -81,7 +81,7 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def _keyed_draws(x: torch.Tensor, step: int, seed: int, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``train.deterministic``: the level and the noise of each sample from a generator keyed by (seed,
+    """``run.deterministic``: the level and the noise of each sample from a generator keyed by (seed,
     step, its position in the global batch), independent of how the global batch is split over ranks."""
     ts, noises = [], []
     for pos in T.global_positions(x.shape[0]):
@@ -98,9 +98,10 @@ def train(
     many steps of the ``train.steps`` run, keeping its lr schedule, so a later call resumes it exactly.
     SIGTERM (cluster preemption) checkpoints the step in progress and leaves on every rank; ``report``
     (when given) receives ``start``, ``step`` and ``preempted`` (the signal's name, or None)."""
-    with D.distributed_session(cfg.device) as info:
-        D.seed_everything(cfg.seed)
-        run = T.RunDir.create(cfg.run_root, KIND, cfg.name)
+    T.set_num_threads(cfg.run.threads)
+    with D.distributed_session(cfg.run.device) as info:
+        D.seed_everything(cfg.run.seed)
+        run = T.RunDir.create(cfg.run.root, KIND, cfg.run.name)
         if info.is_main:
             save_config(cfg, run.config)
         train_ds, val_ds = build_datasets(cfg)
@@ -110,11 +111,11 @@ def train(
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
         scaler = T.grad_scaler(info.device, enabled=cfg.train.fp16)  # a no-op on CPU / when fp16 is off
         diffusion = GaussianDiffusion(cfg.diffusion.T, cfg.diffusion.beta_start, cfg.diffusion.beta_end)
-        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
         state = {"models": {"model": model}, "optimizers": {"opt": opt}, "emas": {"ema": ema}, "scaler": scaler}
         step, _ = mgr.resume(resume, KIND, **state)
         loader = T.ResumableLoader(
-            train_ds, cfg.train.batch_size, seed=cfg.seed, num_workers=cfg.train.num_workers
+            train_ds, cfg.train.batch_size, seed=cfg.run.seed, num_workers=cfg.train.num_workers
         )
         preview = val_ds if val_ds is not None and len(val_ds) else train_ds
         preview_x = torch.stack([preview[i] for i in range(min(6, len(preview)))]).to(info.device)
@@ -140,8 +141,8 @@ def train(
                     group["lr"] = learning_rate(s, cfg.train)
                 if not torch.isfinite(x).all():
                     raise ValueError(f"non-finite training batch at step {s}")
-                if cfg.train.deterministic:
-                    t, noise = _keyed_draws(x, s, cfg.seed, diffusion.T)
+                if cfg.run.deterministic:
+                    t, noise = _keyed_draws(x, s, cfg.run.seed, diffusion.T)
                 else:
                     t = torch.randint(0, diffusion.T, (x.shape[0],), device=info.device)
                     noise = torch.randn_like(x)
@@ -165,7 +166,7 @@ def train(
                         diffusion,
                         preview_x,
                         cfg.diffusion.eval_steps,
-                        cfg.seed,
+                        cfg.run.seed,
                     )
                 if info.is_main and val_x is not None and T.due(done, cfg.train.val_every, cfg.train.steps):
                     v = validate(ema.module, diffusion, val_x, val_steps)
@@ -218,9 +219,10 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
     lc = cfg.latent
     if not lc.prior:
         raise UserError("latent.prior is empty: set latent.prior=/path/to/trained_prior.pt")
-    with D.distributed_session(cfg.device) as info:
-        D.seed_everything(cfg.seed)
-        run = T.RunDir.create(cfg.run_root, KIND, cfg.name + "-latent")
+    T.set_num_threads(cfg.run.threads)
+    with D.distributed_session(cfg.run.device) as info:
+        D.seed_everything(cfg.run.seed)
+        run = T.RunDir.create(cfg.run.root, KIND, cfg.run.name + "-latent")
         prior, pcfg = load_prior(lc.prior, info.device)
         train_ds, _ = build_datasets(replace(cfg, model=pcfg.model))
         with torch.no_grad():
@@ -242,10 +244,10 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
         ddp = D.wrap_ddp(net, info)
         opt = torch.optim.AdamW(net.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)
         diffusion = GaussianDiffusion(cfg.diffusion.T, const_beta=lc.beta)
-        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
         state = {"models": {"latent": net}, "optimizers": {"opt": opt}, "emas": {"latent": ema}}
         step, _ = mgr.resume(resume, KIND, **state)
-        loader = T.ResumableLoader(data, min(lc.batch_size, len(data)), seed=cfg.seed)
+        loader = T.ResumableLoader(data, min(lc.batch_size, len(data)), seed=cfg.run.seed)
         extra = {"z_mean": mean, "z_std": std, "prior": str(lc.prior)}
 
         save = mgr.saver(KIND, main=info.is_main, config=config_to_dict(cfg), extra=extra, **state)

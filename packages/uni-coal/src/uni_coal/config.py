@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from medsynth_core.config import require
+from medsynth_core.config import RunSection, require
 
 
 @dataclass
@@ -157,40 +157,41 @@ class DataConfig:
 class TrainConfig:
     batch_size: int = 16
     epochs: int = 100
-    max_steps: int | None = None  # overrides epochs when set
+    steps: int | None = None  # overrides epochs when set
     ckpt_every: int = 5000
     sample_every: int = 5000
     log_every: int = 100
-    keep_last: int = 3
     num_workers: int = 4
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    device: str | None = None
     drop_last: bool = True  # Q3: the official loader keeps a partial last batch (breaks the SAM mosaic)
     nan_to_num: bool = True
-    # issue 18: z and the encoder's dropout masks keyed by (seed, step, global sample position), so N DDP
-    # ranks equal one process at the same global batch (the minibatch-std group must fit in a rank's batch);
-    # default false = the official draws from the global generator (seed + rank per rank)
-    deterministic: bool = False
 
     def __post_init__(self) -> None:
         for key in ("ckpt_every", "sample_every", "log_every"):
             require(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0: only at the last step)")
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.epochs >= 1, "train.epochs", "must be >= 1")
-        require(
-            self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be >= 1 (or null: epochs)"
-        )
-        require(
-            self.keep_last >= 1 and self.num_workers >= 0, "train", "needs keep_last >= 1, num_workers >= 0"
-        )
-        require(self.threads >= 0, "train.threads", "must be >= 0 (0: torch's default)")
+        require(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1 (or null: epochs)")
+        require(self.num_workers >= 0, "train.num_workers", "must be >= 0")
+
+
+@dataclass
+class RunConfig(RunSection):
+    """``run`` (the section every medsynth package shares): <root>/uni-coal/<name>/, seed, device, threads
+    (0: torch's default), checkpoints kept. ``deterministic`` (issue 18): z and the encoder's dropout masks
+    keyed by (seed, step, global sample position), so N DDP ranks equal one process at the same global batch
+    (the minibatch-std group must fit in a rank's batch); false = the official draws from the global
+    generator (seed + rank per rank)."""
+
+    name: str = "paper"
 
 
 @dataclass
 class Config:
-    name: str = "paper"
-    seed: int = 0
-    run_root: str = "runs"
+    # issue 17: one vocabulary across the packages (old spellings are refused with the new name)
+    RENAMED = {"name": "run.name", "seed": "run.seed", "run_root": "run.root", "train.device": "run.device",
+               "train.threads": "run.threads", "train.keep_last": "run.keep_last",
+               "train.deterministic": "run.deterministic", "train.max_steps": "train.steps"}  # fmt: skip
+    run: RunConfig = field(default_factory=RunConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     sam: SamConfig = field(default_factory=SamConfig)

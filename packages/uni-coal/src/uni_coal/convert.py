@@ -443,7 +443,7 @@ def official_yaml_to_config(path: str | Path):
         cfg.optim.ema_half_life_images = float(ema["ema_kimgs"]) * 1000
     cfg.data.size = cfg.generator.img_resolution
     if "name" in node:
-        cfg.name = str(node["name"])
+        cfg.run.name = str(node["name"])
     try:  # validate (c_dim vs modalities, D channels, ...)
         return config_from_dict(Config, config_to_dict(cfg), source=str(path)), notes
     except ConfigError as exc:
@@ -468,4 +468,4 @@ def convert_official_config(src: str | Path, dst: str | Path) -> dict[str, Any]:
     ]
     body = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     atomic_write_text(dst, "\n".join(head) + "\n" + body)
-    return {"src": str(src), "dst": str(dst), "name": cfg.name, "notes": notes}
+    return {"src": str(src), "dst": str(dst), "name": cfg.run.name, "notes": notes}

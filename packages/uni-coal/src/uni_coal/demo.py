@@ -46,7 +46,7 @@ DEMO_CONFIG = bundled_configs(__file__) / "demo.yaml"
 # the demo recipe = configs/demo.yaml + these overrides: no SAM weights in a demo, so the SAM loss is off
 # (the random stand-in ViT of the unit tests would be a meaningless feature loss); both cores of the 2-core
 # budget (1.26x faster than one thread here; run_demo restores the caller's count afterwards)
-RECIPE: tuple[str, ...] = ("loss.lambda_sam=0", "train.threads=2")
+RECIPE: tuple[str, ...] = ("loss.lambda_sam=0", "run.threads=2")
 HELDOUT_SEED = 1000  # held-out phantom subjects: seeds 1000, 1001, ... (training: seed .. seed + n - 1)
 HELDOUT_CASES = 3
 SR_THICKNESS = 2  # thick-slice factor of the SR and CMSR examples
@@ -149,19 +149,19 @@ def _panel(t: int, depth: int):
 def run_demo(
     out: str | Path, steps: int | None = None, overrides=(), heldout_cases: int = HELDOUT_CASES
 ) -> dict[str, Any]:
-    """Train the demo recipe (``steps`` default: ``train.max_steps`` of demo.yaml), resume once at half,
+    """Train the demo recipe (``steps`` default: ``train.steps`` of demo.yaml), resume once at half,
     score the EMA generator on the held-out phantoms; returns ``{task: {ours, <baseline>...}}`` and paths."""
     out = Path(out)
     for stale in (out / "run", out / "heldout"):
         if stale.exists():
             shutil.rmtree(stale)  # a fresh run every time (our own folders)
     cfg = demo_config(list(overrides))
-    steps = int(steps or cfg.train.max_steps)
+    steps = int(steps or cfg.train.steps)
     half = max(steps // 2, 1)
     cfg = demo_config(
-        [*overrides, f"train.max_steps={steps}", f"train.ckpt_every={half}", f"train.sample_every={half}"]
+        [*overrides, f"train.steps={steps}", f"train.ckpt_every={half}", f"train.sample_every={half}"]
     )
-    with T.num_threads(cfg.train.threads):  # the caller's thread count is restored afterwards
+    with T.num_threads(cfg.run.threads):  # the caller's thread count is restored afterwards
         return _train_and_score(out, cfg, steps, half, heldout_cases)
 
 
@@ -180,7 +180,7 @@ def _train_and_score(out: Path, cfg: Config, steps: int, half: int, heldout_case
     g, cfg = load_generator(ckpt)
     t1 = time.perf_counter()
     vols = heldout_volumes(cfg, heldout_cases)
-    tasks = heldout_tasks(g, cfg, vols, out / "heldout", seed=cfg.seed)
+    tasks = heldout_tasks(g, cfg, vols, out / "heldout", seed=cfg.run.seed)
     depth = vols[0][TASKS["sr"][1]].shape[0]
     for task in tasks:
         t = TASKS[task.task][2]
@@ -217,8 +217,8 @@ def _train_and_score(out: Path, cfg: Config, steps: int, half: int, heldout_case
         checkpoint=str(ckpt),
         subjects={
             "train_seeds": [
-                cfg.seed,
-                cfg.seed + max(cfg.data.phantom_subjects - 2, 0),
+                cfg.run.seed,
+                cfg.run.seed + max(cfg.data.phantom_subjects - 2, 0),
             ],  # the last: loader test
             "heldout_seeds": [HELDOUT_SEED, HELDOUT_SEED + heldout_cases - 1],
         },

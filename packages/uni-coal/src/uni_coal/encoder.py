@@ -152,7 +152,7 @@ class ReversedEncoder(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d((4, 4))
         self.fc_in = FullyConnectedLayer(c0 * 16, cfg.global_dim, activation="lrelu")
         self.dropout = nn.Dropout(p=cfg.enc_dropout)
-        # train.deterministic: keep_mask(g) -> {0, 1} mask of g's shape from keyed draws (issue 18)
+        # run.deterministic: keep_mask(g) -> {0, 1} mask of g's shape from keyed draws (issue 18)
         self.keep_mask = None
 
     def forward(self, img: torch.Tensor, c: torch.Tensor | None = None, index: torch.Tensor | None = None):

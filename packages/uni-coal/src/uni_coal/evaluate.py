@@ -141,7 +141,7 @@ def evaluate_checkpoint(
         keys = list(dict.fromkeys([*cfg.data.modalities, source]))
         vols, names = load_h5_volumes(cfg.data.root, keys, cfg.data.test_list, return_names=True)
     else:
-        vols = build_volumes(cfg.data, "test", seed=cfg.seed)
+        vols = build_volumes(cfg.data, "test", seed=cfg.run.seed)
     per_case = {}
     for i, v in enumerate(vols):
         lr = v[source][::thickness] if thickness > 1 else v[source]

@@ -61,7 +61,7 @@ class Trainer:
     ):
         self.cfg, self.device, self.world = cfg, torch.device(device), world_size
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+            torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
             self.G = UniCOALGenerator(cfg.generator).to(self.device).train()
             self.D = CoModDiscriminator(cfg.discriminator).to(self.device).train()
         self.ema = T.EMA(
@@ -86,10 +86,10 @@ class Trainer:
         return f
 
     def _keyed(self, step: int, draw: int, shape: tuple[int, ...], n: int, bernoulli: float | None = None):
-        """``train.deterministic``: ``n`` per-sample draws keyed by (seed, step, global position, draw)."""
+        """``run.deterministic``: ``n`` per-sample draws keyed by (seed, step, global position, draw)."""
         out = []
         for pos in T.global_positions(n):
-            with T.keyed_rng(self.cfg.seed, step, pos, draw):
+            with T.keyed_rng(self.cfg.run.seed, step, pos, draw):
                 out.append(
                     torch.randn(shape) if bernoulli is None else (torch.rand(shape) >= bernoulli).float()
                 )
@@ -97,7 +97,7 @@ class Trainer:
 
     def _dropout_draws(self, step: int, draw: int) -> None:
         """Keyed dropout masks of the global code for the next G forward (official: ``nn.Dropout``'s own)."""
-        if not self.cfg.train.deterministic:
+        if not self.cfg.run.deterministic:
             return
         p = self.cfg.generator.enc_dropout
         for m in self.G.modules():
@@ -113,7 +113,7 @@ class Trainer:
         n = a.shape[0]
         n_img = step * n * self.world
         sigma = L.blur_sigma(n_img, cfg.loss.blur_init_sigma, cfg.loss.blur_fade_images)
-        if cfg.train.deterministic:
+        if cfg.run.deterministic:
             z = self._keyed(step, 0, (cfg.generator.z_dim,), n).to(self.device)
         else:
             z = torch.randn([n, cfg.generator.z_dim], device=self.device)
@@ -206,40 +206,40 @@ def train(
     """Train (single process or torchrun). Resumes from the run directory's latest checkpoint. SIGTERM
     (cluster preemption) checkpoints the step in progress and returns with ``preempted`` set (issue 18)."""
     _check_sam_policy(cfg)
-    T.set_num_threads(cfg.train.threads)
-    with Dist.distributed_session(cfg.train.device) as info:
-        Dist.seed_everything(cfg.seed)
+    T.set_num_threads(cfg.run.threads)
+    with Dist.distributed_session(cfg.run.device) as info:
+        Dist.seed_everything(cfg.run.seed)
         mb = cfg.discriminator.mbstd_group
-        if cfg.train.deterministic and cfg.discriminator.mbstd_channels > 0 and cfg.train.batch_size % mb:
+        if cfg.run.deterministic and cfg.discriminator.mbstd_channels > 0 and cfg.train.batch_size % mb:
             raise UserError(
-                f"train.deterministic: discriminator.mbstd_group={mb} must divide the per-process "
+                f"run.deterministic: discriminator.mbstd_group={mb} must divide the per-process "
                 f"train.batch_size={cfg.train.batch_size} (minibatch-std groups are formed within a process, "
                 "so larger groups make N processes differ from one); set discriminator.mbstd_group"
             )
         run = (
             T.RunDir.create(Path(run_dir).parent, "", Path(run_dir).name)
             if run_dir is not None
-            else T.RunDir.create(cfg.run_root, KIND, cfg.name)
+            else T.RunDir.create(cfg.run.root, KIND, cfg.run.name)
         )
         if info.is_main:
             run.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, run.config)
-        volumes = build_volumes(cfg.data, "train", seed=cfg.seed)
-        ds = SliceDataset(volumes, cfg.data, seed=cfg.seed)
+        volumes = build_volumes(cfg.data, "train", seed=cfg.run.seed)
+        ds = SliceDataset(volumes, cfg.data, seed=cfg.run.seed)
         loader = T.ResumableLoader(
             ds,
             cfg.train.batch_size,
-            seed=cfg.seed,
+            seed=cfg.run.seed,
             drop_last=cfg.train.drop_last,
             num_workers=cfg.train.num_workers,
         )
         trainer = Trainer(cfg, info.device, world_size=info.world_size)
-        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.train.keep_last)
+        mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
         step = 0
         ck_path = mgr.resume_source(resume)
         if ck_path is not None:
             step, _ = trainer.restore(C.load_checkpoint(ck_path, kind=KIND), str(ck_path))
-        total = max_steps or cfg.train.max_steps or cfg.train.epochs * loader.steps_per_epoch
+        total = max_steps or cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
         last: dict[str, float] = {}
         t0 = time.time()
         start, end, preempted = step, total, None

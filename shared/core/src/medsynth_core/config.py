@@ -16,6 +16,13 @@ A package describes its config as (nested) dataclasses with type annotations and
 
 Unknown keys, wrong types and values rejected by a dataclass's ``__post_init__`` raise
 :class:`ConfigError` naming the file and the dotted key (with the valid keys and a close match).
+
+One vocabulary (issue 17): every package's top-level config has a ``run`` section (:class:`RunSection`: name,
+root, seed, device, threads, keep_last, deterministic) and a ``train`` section spelling the shared keys
+``steps``, ``batch_size``, ``lr``, ``ckpt_every``, ``sample_every``, ``log_every`` and ``num_workers``. A
+config class lists the spellings it replaced in ``RENAMED`` (``{"out_dir": "run.root", ...}``): a YAML file
+or override that uses one is refused with the new name, and :func:`config_from_dict` (checkpoints written
+before the rename) moves them.
 """
 
 from __future__ import annotations
@@ -35,6 +42,86 @@ import yaml
 from .atomic import atomic_write_text
 
 T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class RunSection:
+    """The ``run`` section every package shares: where a run is written (``<root>/<package>/<name>/``), its
+    seed, device and CPU threads, how many checkpoints are kept, and the deterministic-DDP switch (issue 18:
+    every random draw keyed by seed, step and global sample position, so N ranks equal one process).
+    Packages subclass it for their defaults or an ``amp`` switch."""
+
+    name: str = "run"
+    root: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    keep_last: int = 3  # periodic checkpoints kept (plus the best where a package tracks one)
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        require(bool(str(self.name).strip()), "name", "must not be empty")
+        require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
+        require(self.keep_last >= 1, "keep_last", "must be >= 1")
+
+
+# the shared keys of a package's ``train`` section (documentation and the vocabulary test)
+TRAIN_KEYS = ("steps", "batch_size", "lr", "ckpt_every", "sample_every", "log_every", "num_workers")
+
+
+def renamed_keys(cls: type) -> dict[str, str]:
+    """``{old dotted key: new dotted key}`` a config class declares in ``RENAMED``."""
+    return dict(getattr(cls, "RENAMED", None) or {})
+
+
+def _pop_dotted(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    *parents, leaf = dotted.split(".")
+    node: Any = data
+    for p in parents:
+        node = node.get(p) if isinstance(node, Mapping) else None
+    if isinstance(node, dict) and leaf in node:
+        return True, node.pop(leaf)
+    return False, None
+
+
+def _has_dotted(data: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = data
+    for p in dotted.split("."):
+        if not isinstance(node, Mapping) or p not in node:
+            return False
+        node = node[p]
+    return True
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def _copy_tree(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _copy_tree(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+
+
+def migrate_renamed(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` with every old spelling of ``cls.RENAMED`` moved to its new key (a new key already given
+    wins); for configs stored in checkpoints written before the rename."""
+    out = _copy_tree(data)
+    for old, new in renamed_keys(cls).items():
+        found, value = _pop_dotted(out, old)
+        if found and not _has_dotted(out, new):
+            _set_dotted(out, new, value)
+    return out
+
+
+def refuse_renamed(cls: type, data: Mapping[str, Any], source: str) -> None:
+    """A user's YAML or override spelling a key the old way: one line with the new spelling."""
+    old = [(o, n) for o, n in renamed_keys(cls).items() if _has_dotted(data, o)]
+    if old:
+        pairs = ", ".join(f"'{o}' is now '{n}'" for o, n in old)
+        raise ConfigError(f"{source}: {pairs} (one vocabulary across the medsynth packages); rename and rerun")
 
 
 class ConfigError(ValueError):
@@ -199,8 +286,9 @@ def _check_data_source(section: Any, prefix: str, source: str) -> None:
 
 
 def config_from_dict(cls: type[T], data: Mapping[str, Any] | None, source: str = "config") -> T:
-    """Build and validate a config dataclass from a (nested) mapping."""
-    return _from_mapping(cls, data or {}, "", source)
+    """Build and validate a config dataclass from a (nested) mapping; old spellings (``cls.RENAMED``, e.g.
+    in a checkpoint written before issue 17's vocabulary) are moved to their new keys."""
+    return _from_mapping(cls, migrate_renamed(cls, data or {}), "", source)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -285,6 +373,7 @@ def load_config(
     if overrides:
         data = merge_dicts(data, parse_overrides(overrides))
         source += " (with command-line overrides)"
+    refuse_renamed(cls, data, source)
     return config_from_dict(cls, data, source=source)
 
 
