@@ -41,7 +41,7 @@ def test_core_and_one_method_install_alone(tmp_path):
     demo_cfg = subprocess.run([str(venv / "bin" / "python"), "-c", find], capture_output=True, text=True,
                               check=True).stdout.strip()
     assert "site-packages" in demo_cfg
-    out = subprocess.run([str(venv / "bin" / "drdm"), "summary", "--config", demo_cfg], capture_output=True,
+    out = subprocess.run([str(venv / "bin" / "drdm"), "summary", "--json", "--config", demo_cfg], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)

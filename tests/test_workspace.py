@@ -1,6 +1,7 @@
 """Every method package has the shared shape, imports, and answers ``--help`` with the contract verbs."""
 
 import importlib
+import json
 import subprocess
 import sys
 import tomllib
@@ -85,6 +86,13 @@ def test_config_by_bundled_name(pkg):
     run = [sys.executable, "-m", f"{pkg.import_name}.cli", "summary", "--config"]
     ok = subprocess.run([*run, "demo"], capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
+    # issue 17: human key: value lines by default, one JSON document with --json (the same facts)
+    lines = ok.stdout.strip().splitlines()
+    assert lines and all(": " in x for x in lines) and not ok.stdout.lstrip().startswith("{"), ok.stdout[:500]
+    js = subprocess.run([sys.executable, "-m", f"{pkg.import_name}.cli", "summary", "--json", "--config", "demo"],
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert js.returncode == 0 and isinstance(json.loads(js.stdout), dict), js.stderr[-2000:]
+    assert len(lines) >= len(json.loads(js.stdout))
     bad = subprocess.run([*run, "nope"], capture_output=True, text=True, timeout=300)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr[-2000:]

@@ -8,14 +8,14 @@ from drdm.infer import load_network
 
 
 def test_summary(capsys):
-    assert main(["summary", "--config", "paper"]) == 0
+    assert main(["summary", "--json", "--config", "paper"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recresacnet"]["total"] == 443_435 and out["recresacnet"]["trainable"] == 435_435
     assert out["recresacnet"]["output"]["ddf"] == [1, 2, 256, 256]
     assert (
         main(
             [
-                "summary",
+                "summary", "--json",
                 "--config",
                 "paper",
                 "model.ndims=3",
@@ -33,7 +33,7 @@ def test_convert_official_reproduces_fixture(ref, tmp_path, capsys):
     assert (
         main(
             [
-                "convert-official",
+                "convert-official", "--json",
                 str(ref / "cmr_recresacnet.pth"),
                 str(dst),
                 "--config",
@@ -62,7 +62,7 @@ def test_convert_official_3d_inferred(ref, tmp_path):
     torch.save(
         {"module.network." + k: v for k, v in fx["state_dict"].items()}, src
     )  # DataParallel-style keys
-    assert main(["convert-official", str(src), str(tmp_path / "lct.pt")]) == 0
+    assert main(["convert-official", "--json", str(src), str(tmp_path / "lct.pt")]) == 0
     net, cfg = load_network(tmp_path / "lct.pt")
     assert cfg.model.ndims == 3 and cfg.diffusion.img_size == 128 and cfg.diffusion.padding_mode == "border"
     with torch.no_grad():
@@ -75,16 +75,16 @@ def test_convert_official_3d_inferred(ref, tmp_path):
 def test_convert_rejects_foreign(tmp_path, capsys):
     src = tmp_path / "x.pth"
     torch.save({"foo.weight": torch.zeros(2)}, src)
-    assert main(["convert-official", str(src), str(tmp_path / "y.pt")]) == 2
+    assert main(["convert-official", "--json", str(src), str(tmp_path / "y.pt")]) == 2
     assert "not a RecResACNet" in capsys.readouterr().err
-    assert main(["convert-official", str(tmp_path / "missing.pth"), str(tmp_path / "y.pt")]) == 2
+    assert main(["convert-official", "--json", str(tmp_path / "missing.pth"), str(tmp_path / "y.pt")]) == 2
 
 
 def test_train_augment_evaluate_cli(tmp_path, capsys):
     assert (
         main(
             [
-                "train",
+                "train", "--json",
                 "--config",
                 "demo",
                 f"run.root={tmp_path}",
@@ -106,7 +106,7 @@ def test_train_augment_evaluate_cli(tmp_path, capsys):
     assert (
         main(
             [
-                "augment",
+                "augment", "--json",
                 "--checkpoint",
                 str(ckpt),
                 "--images",
@@ -124,7 +124,7 @@ def test_train_augment_evaluate_cli(tmp_path, capsys):
     assert (
         main(
             [
-                "evaluate",
+                "evaluate", "--json",
                 "--checkpoint",
                 str(ckpt),
                 "--out",
@@ -146,7 +146,7 @@ def test_train_augment_evaluate_cli(tmp_path, capsys):
     assert (
         main(
             [
-                "augment",
+                "augment", "--json",
                 "--checkpoint",
                 str(ckpt),
                 "--images",

@@ -138,7 +138,7 @@ def test_downstream_cli_on_folders(tmp_path, capsys):
     ckpt, _, _ = _ckpt(tmp_path)
     _acdc_folders(tmp_path)
     args = [
-        "downstream",
+        "downstream", "--json",
         "--checkpoint",
         str(ckpt),
         *_folder_args(tmp_path),

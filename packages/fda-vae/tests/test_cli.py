@@ -19,7 +19,7 @@ from .conftest import PKG
 
 
 def test_summary_paper_counts(capsys):
-    assert main(["summary", "--config", str(PKG / "configs" / "paper.yaml"), "loss.w_perc=0"]) == 0
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "paper.yaml"), "loss.w_perc=0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["generator"] == {"total": 18_885_266, "trainable": 18_885_266}
     assert out["encoder"]["total"] == 5_557_072
@@ -31,9 +31,9 @@ def test_summary_paper_counts(capsys):
 
 
 def test_config_errors(capsys):
-    assert main(["summary", "--config", str(PKG / "configs" / "paper.yaml"), "model.chanels=[8]"]) == 2
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "paper.yaml"), "model.chanels=[8]"]) == 2
     assert "chanels" in capsys.readouterr().err
-    assert main(["summary", "--config", str(PKG / "configs" / "paper.yaml"), "data.image_size=250"]) == 2
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "paper.yaml"), "data.image_size=250"]) == 2
 
 
 def test_demo_yaml_matches_embedded():
@@ -65,7 +65,7 @@ def test_synthesize_2d_and_3d(trained, tmp_path, capsys):
         assert (
             main(
                 [
-                    "synthesize",
+                    "synthesize", "--json",
                     "--checkpoint",
                     ckpt,
                     "--input",
@@ -91,7 +91,7 @@ def test_synthesize_2d_and_3d(trained, tmp_path, capsys):
     again = tmp_path / "again.nii.gz"
     main(
         [
-            "synthesize",
+            "synthesize", "--json",
             "--checkpoint",
             ckpt,
             "--input",
@@ -104,7 +104,7 @@ def test_synthesize_2d_and_3d(trained, tmp_path, capsys):
     samp = tmp_path / "samp.nii.gz"
     main(
         [
-            "synthesize",
+            "synthesize", "--json",
             "--checkpoint",
             ckpt,
             "--input",
@@ -122,7 +122,7 @@ def test_synthesize_2d_and_3d(trained, tmp_path, capsys):
     assert (
         main(
             [
-                "synthesize",
+                "synthesize", "--json",
                 "--checkpoint",
                 ckpt,
                 "--input",
@@ -138,7 +138,7 @@ def test_synthesize_2d_and_3d(trained, tmp_path, capsys):
     assert (
         main(
             [
-                "synthesize",
+                "synthesize", "--json",
                 "--checkpoint",
                 ckpt,
                 "--input",
@@ -156,7 +156,7 @@ def test_evaluate_verb(trained, tmp_path, capsys):
     ckpt, _ = trained
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        assert main(["evaluate", "--checkpoint", ckpt, "--out", str(tmp_path), "eval.per_volume=true"]) == 0
+        assert main(["evaluate", "--json", "--checkpoint", ckpt, "--out", str(tmp_path), "eval.per_volume=true"]) == 0
     assert any("LPIPS skipped" in str(x.message) for x in w)
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["lpips"] is False
@@ -177,7 +177,7 @@ def test_evaluate_verb(trained, tmp_path, capsys):
     two = tmp_path / "two"
     with pytest.warns(RuntimeWarning, match="LPIPS skipped"):
         assert (
-            main(["evaluate", "--checkpoint", ckpt, ckpt, "--out", str(two), "--modes", "deterministic"]) == 0
+            main(["evaluate", "--json", "--checkpoint", ckpt, ckpt, "--out", str(two), "--modes", "deterministic"]) == 0
         )
     m2 = json.loads((two / "metrics.json").read_text())
     assert len(m2["models"]) == 2 and len((two / "per_slice.csv").read_text().splitlines()) == 1 + 2 * 2 * 2
@@ -215,7 +215,7 @@ def test_train_verb_resume_and_errors(trained, tmp_path, capsys):
     from .conftest import tiny_overrides
 
     ckpt, _ = trained
-    args = ["train", "--config", str(PKG / "configs" / "demo.yaml"), *tiny_overrides(tmp_path)]
+    args = ["train", "--json", "--config", str(PKG / "configs" / "demo.yaml"), *tiny_overrides(tmp_path)]
     assert main([*args, "train.steps=3", "--resume", ckpt]) == 0
     out = capsys.readouterr().out
     res = json.loads(out[out.index("{") :])
@@ -228,7 +228,7 @@ def test_train_verb_resume_and_errors(trained, tmp_path, capsys):
     assert main([*args, "run.name=x", "--resume", str(other)]) == 2
     assert "mgdcr" in capsys.readouterr().err
     # folder data without a root
-    assert main(["train", "--config", str(PKG / "configs" / "paper.yaml"), f"run.root={tmp_path}"]) == 2
+    assert main(["train", "--json", "--config", str(PKG / "configs" / "paper.yaml"), f"run.root={tmp_path}"]) == 2
     assert "data.root" in capsys.readouterr().err
 
 
@@ -236,7 +236,7 @@ def test_prepare_verb(tmp_path, capsys):
     from .test_data import _fake_lld
 
     _fake_lld(tmp_path / "raw", patients=("MR7",))
-    args = ["prepare", str(tmp_path / "raw"), str(tmp_path / "out"), "--phases", "C+V", "C+Delay"]
+    args = ["prepare", "--json", str(tmp_path / "raw"), str(tmp_path / "out"), "--phases", "C+V", "C+Delay"]
     assert main([*args, "--no-register"]) == 0  # noise volumes: registration is tested in test_data
     assert json.loads(capsys.readouterr().out)["slices"] == 5
     assert len(list((tmp_path / "out" / "c_v").glob("MR7_*.nii.gz"))) == 5

@@ -105,7 +105,7 @@ def test_cli_convert_round_trip(ref_dir, tmp_path, capsys):
     cons = tmp_path / "constructor.json"
     cons.write_text(json.dumps(fx["generator"]["constructor"]))
     dst = tmp_path / "ours.pt"
-    assert main(["convert-official", str(src), str(dst), "--constructor", str(cons)]) == 0
+    assert main(["convert-official", "--json", str(src), str(dst), "--constructor", str(cons)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["network"] == "generator" and len(report["dropped_keys"]) == 6
     model, cfg = load_generator(dst)
@@ -118,11 +118,11 @@ def test_cli_convert_round_trip(ref_dir, tmp_path, capsys):
     # without --constructor: everything but the GroupNorm group count is read off the weights; a bare
     # state dict does not hold the group count (4 here), so it is refused instead of guessed (issue 12)
     dst2 = tmp_path / "inferred.pt"
-    assert main(["convert-official", str(src), str(dst2)]) == 2
+    assert main(["convert-official", "--json", str(src), str(dst2)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--constructor" in err and "norm_num_groups" in err
     assert "--norm-num-groups" in err and "[1, 2, 4, 8]" in err and not dst2.exists()
-    assert main(["convert-official", str(src), str(dst2), "--norm-num-groups", "4"]) == 0
+    assert main(["convert-official", "--json", str(src), str(dst2), "--norm-num-groups", "4"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["norm_num_groups"] == 4 and report["norm_num_groups_from"] == "--norm-num-groups"
     model2, cfg2 = load_generator(dst2)
@@ -135,7 +135,7 @@ def test_cli_convert_round_trip(ref_dir, tmp_path, capsys):
     )
     # the fixture file itself stores the official constructor beside the weights: read from there
     dst3 = tmp_path / "from_file.pt"
-    assert main(["convert-official", str(ref_dir / "official_tiny.pt"), str(dst3)]) == 0
+    assert main(["convert-official", "--json", str(ref_dir / "official_tiny.pt"), str(dst3)]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (
         report["norm_num_groups"] == 4
@@ -145,15 +145,15 @@ def test_cli_convert_round_trip(ref_dir, tmp_path, capsys):
     # discriminator
     dsrc = tmp_path / "discriminator_delay_40.pth"
     torch.save(fx["discriminator"]["state_dict"], dsrc)
-    assert main(["convert-official", str(dsrc), str(tmp_path / "d.pt")]) == 0
+    assert main(["convert-official", "--json", str(dsrc), str(tmp_path / "d.pt")]) == 0
 
 
 def test_cli_convert_bad_input(tmp_path, capsys):
     bad = tmp_path / "junk.pth"
     torch.save({"quant_conv_mu.conv.weight": torch.zeros(3, 3, 1, 1), "foo.weight": torch.zeros(2)}, bad)
-    assert main(["convert-official", str(bad), str(tmp_path / "o.pt")]) == 2
+    assert main(["convert-official", "--json", str(bad), str(tmp_path / "o.pt")]) == 2
     assert "error" in capsys.readouterr().err
-    assert main(["convert-official", str(tmp_path / "missing.pth"), str(tmp_path / "o.pt")]) == 2
+    assert main(["convert-official", "--json", str(tmp_path / "missing.pth"), str(tmp_path / "o.pt")]) == 2
     # a converted checkpoint of another model family is refused by the loader
     from medsynth_core.checkpoint import CheckpointError, atomic_torch_save, build_checkpoint
 
@@ -215,17 +215,17 @@ def test_convert_group_count_never_guessed(tmp_path, capsys):
     bare = tmp_path / "generator_10.pth"
     torch.save(official, bare)
     # a bare official state dict: refused with one line naming the options, nothing written
-    assert main(["convert-official", str(bare), str(tmp_path / "o.pt")]) == 2
+    assert main(["convert-official", "--json", str(bare), str(tmp_path / "o.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--constructor" in err and "norm_num_groups" in err
     assert not (tmp_path / "o.pt").exists()
     # a group count that does not divide the channels is refused too
-    assert main(["convert-official", str(bare), str(tmp_path / "o.pt"), "--norm-num-groups", "3"]) == 2
+    assert main(["convert-official", "--json", str(bare), str(tmp_path / "o.pt"), "--norm-num-groups", "3"]) == 2
     assert "[1, 2, 4, 8]" in capsys.readouterr().err
     # the right count reproduces the network; the count the old guess picked (8) does not
     for groups, same in ((4, True), (8, False)):
         dst = tmp_path / f"g{groups}.pt"
-        assert main(["convert-official", str(bare), str(dst), "--norm-num-groups", str(groups)]) == 0
+        assert main(["convert-official", "--json", str(bare), str(dst), "--norm-num-groups", str(groups)]) == 0
         capsys.readouterr()
         got, cfg = _converted(dst)
         assert cfg.model.norm_num_groups == groups
@@ -236,7 +236,7 @@ def test_convert_group_count_never_guessed(tmp_path, capsys):
     # so the shapes do not fit and the conversion says so
     assert (
         main(
-            ["convert-official", str(bare), str(tmp_path / "p.pt"), "--constructor", '{"norm_num_groups": 4}']
+            ["convert-official", "--json", str(bare), str(tmp_path / "p.pt"), "--constructor", '{"norm_num_groups": 4}']
         )
         == 2
     )
@@ -256,7 +256,7 @@ def test_convert_group_count_from_stored_config(tmp_path, capsys, wrap, where):
     constructor = {"num_channels": [8, 16], "num_res_blocks": 1, "latent_channels": 4, "norm_num_groups": 4}
     src = tmp_path / "wrapped.pt"
     torch.save(wrap(official, constructor), src)
-    assert main(["convert-official", str(src), str(tmp_path / "o.pt")]) == 0
+    assert main(["convert-official", "--json", str(src), str(tmp_path / "o.pt")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["norm_num_groups"] == 4 and report["norm_num_groups_from"] == where
     got, cfg = _converted(tmp_path / "o.pt")
@@ -271,7 +271,7 @@ def test_convert_group_count_one_when_forced(tmp_path, capsys):
     ref, official = _synthetic(channels=(5, 7), groups=1)
     src = tmp_path / "g.pth"
     torch.save(official, src)
-    assert main(["convert-official", str(src), str(tmp_path / "o.pt")]) == 0
+    assert main(["convert-official", "--json", str(src), str(tmp_path / "o.pt")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["norm_num_groups"] == 1 and report["norm_num_groups_from"].startswith("channels")
     got, cfg = _converted(tmp_path / "o.pt")

@@ -267,7 +267,7 @@ def test_prepare_registers_phases(tmp_path, capsys, caplog):
 
     venous, delay = _shifted_phase_lld(tmp_path / "raw")
     caplog.set_level("INFO", logger="fda_vae")
-    assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "reg")]) == 0
+    assert main(["prepare", "--json", str(tmp_path / "raw"), str(tmp_path / "reg")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["registration"].startswith("rigid") and report["slices"] == 16
     info = report["transforms"]["MR5"]["c_v"]
@@ -277,7 +277,7 @@ def test_prepare_registers_phases(tmp_path, capsys, caplog):
     assert max(abs(a) for a in info["rotation_deg"]) < 1.0
     assert any("MR5 c_v -> delay: registered" in r.getMessage() for r in caplog.records)
 
-    assert main(["prepare", str(tmp_path / "raw"), str(tmp_path / "raw_grid"), "--no-register"]) == 0
+    assert main(["prepare", "--json", str(tmp_path / "raw"), str(tmp_path / "raw_grid"), "--no-register"]) == 0
     plain = json.loads(capsys.readouterr().out)
     assert plain["registration"].startswith("none") and plain["transforms"] == {}
     err_reg, _, _ = _slice_error(tmp_path / "reg", delay)

@@ -19,7 +19,7 @@ from md3d_testutils import DEMO, PAPER, tiny_fixture  # noqa: E402
 @pytest.fixture(scope="module")
 def demo_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--chain", "--out", str(out)]) == 0
+    assert main(["demo", "--json", "--chain", "--out", str(out)]) == 0
     return out
 
 
@@ -82,7 +82,7 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
     assert (
         main(
             [
-                "encode",
+                "encode", "--json",
                 "--checkpoint",
                 str(ck),
                 "--input",
@@ -97,7 +97,7 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
     assert (
         main(
             [
-                "encode",
+                "encode", "--json",
                 "--checkpoint",
                 str(ck),
                 "--input",
@@ -116,7 +116,7 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
     assert (
         main(
             [
-                "decode",
+                "decode", "--json",
                 "--checkpoint",
                 str(ck),
                 "--input",
@@ -132,7 +132,7 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
     back = mio.read_image(tmp_path / "dec" / "case.nii.gz")
     assert back.to_dhw().shape == (32, 32, 24) and np.allclose(back.affine, aff)
     assert (tmp_path / "dec" / "case.png").is_file()
-    assert main(["evaluate", "--checkpoint", str(ck), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["evaluate", "--json", "--checkpoint", str(ck), "--out", str(tmp_path / "ev")]) == 0
     ev = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     # the 4 training phantoms, each scored
     assert ev["reconstruction"]["n"] == 4 and np.isfinite(ev["reconstruction"]["psnr_mean"])
@@ -142,7 +142,7 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
     assert (
         main(
             [
-                "encode",
+                "encode", "--json",
                 "--checkpoint",
                 str(tmp_path / "foreign.pt"),
                 "--input",
@@ -157,7 +157,7 @@ def test_encode_decode_evaluate_verbs(demo_out, tmp_path, capsys):
 
 
 def test_summary_prints_exact_counts(capsys):
-    assert main(["summary", "--config", str(PAPER)]) == 0
+    assert main(["summary", "--json", "--config", str(PAPER)]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["networks"]["autoencoder"]["total"] == 34_818_921
     assert s["networks"]["discriminator"]["total"] == 2_772_321
@@ -175,18 +175,18 @@ def test_summary_prints_exact_counts(capsys):
     )
     assert s["networks"]["controlnet_v1"]["total"] == 93_501_720
     assert s["shapes"]["biflownet_in_out"] == [16, 8, 32, 32, 32] and s["shapes"]["controlnet_controls"] == 6
-    assert main(["summary", "--config", str(PAPER), "ae.downsample=4"]) == 0
+    assert main(["summary", "--json", "--config", str(PAPER), "ae.downsample=4"]) == 0
     assert json.loads(capsys.readouterr().out)["networks"]["autoencoder"]["total"] == 8_485_641
 
 
 def test_config_errors_name_the_key(capsys, tmp_path):
-    assert main(["summary", "--config", str(DEMO), "ae.n_hiden=8"]) == 2
+    assert main(["summary", "--json", "--config", str(DEMO), "ae.n_hiden=8"]) == 2
     err = capsys.readouterr().err
     assert "ae.n_hiden" in err and "n_hiddens" in err
     assert (
         main(
             [
-                "train-ae",
+                "train-ae", "--json",
                 "--stage",
                 "1",
                 "--config",
@@ -205,7 +205,7 @@ def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
     m = json.loads((demo_out / "metrics.json").read_text())["diffusion"]
     bf, cn = m["checkpoints"]["biflownet"], m["checkpoints"]["controlnet"]
     out = tmp_path / "gen"
-    args = ["generate", "--checkpoint", bf, "--class", "1", "--shape", "32", "32", "32", "--out", str(out)]
+    args = ["generate", "--json", "--checkpoint", bf, "--class", "1", "--shape", "32", "32", "32", "--out", str(out)]
     assert main([*args, "--spacing", "1.5", "1.5", "2.0", "--n", "2", "--steps", "2"]) == 0
     img = mio.read_image(out / "class1_001.nii.gz")
     assert img.to_dhw().shape == (32, 32, 32) and np.allclose(np.diag(img.affine), [1.5, 1.5, 2.0, 1.0])
@@ -220,7 +220,7 @@ def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
     assert vol["nifti_roundtrip_geometry_ok"]
     rout = tmp_path / "rest"
     assert (
-        main(["restore", "--checkpoint", cn, "--target", str(target), "--out", str(rout), "--steps", "2"])
+        main(["restore", "--json", "--checkpoint", cn, "--target", str(target), "--out", str(rout), "--steps", "2"])
         == 0
     )
     rm = json.loads((rout / "metrics.json").read_text())
@@ -232,7 +232,7 @@ def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
     assert (
         main(
             [
-                "restore",
+                "restore", "--json",
                 "--checkpoint",
                 cn,
                 "--input",
@@ -245,7 +245,7 @@ def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
         )
         == 0
     )
-    assert main(["restore", "--checkpoint", cn, "--out", str(tmp_path / "r3")]) == 2
+    assert main(["restore", "--json", "--checkpoint", cn, "--out", str(tmp_path / "r3")]) == 2
 
 
 def test_convert_official_checkpoint_reproduces_fixture(tmp_path):
@@ -257,7 +257,7 @@ def test_convert_official_checkpoint_reproduces_fixture(tmp_path):
     sd.update({f"volume_discriminator.{k}": v for k, v in d_fx["state_dict"].items()})
     sd["perceptual_loss.perceptual_model.lin0.model.1.weight"] = torch.zeros(1, 64, 1, 1)
     torch.save({"state_dict": sd, "hyper_parameters": cons, "global_step": 7}, tmp_path / "official.ckpt")
-    assert main(["convert-official", str(tmp_path / "official.ckpt"), str(tmp_path / "ours.pt")]) == 0
+    assert main(["convert-official", "--json", str(tmp_path / "official.ckpt"), str(tmp_path / "ours.pt")]) == 0
     from meddiffusion3d.infer import load_autoencoder
 
     ae, cfg, ck = load_autoencoder(tmp_path / "ours.pt")
@@ -310,7 +310,7 @@ def test_convert_official_biflownet_checkpoint_reproduces_fixture(tmp_path, caps
     ctor.write_text(json.dumps(c))
     dst = tmp_path / "ours.pt"
     assert (
-        main(["convert-official", str(tmp_path / "official.pt"), str(dst), "--official-config", str(ctor)])
+        main(["convert-official", "--json", str(tmp_path / "official.pt"), str(dst), "--official-config", str(ctor)])
         == 0
     )
     rep = json.loads(capsys.readouterr().out)
@@ -326,7 +326,7 @@ def test_convert_official_biflownet_checkpoint_reproduces_fixture(tmp_path, caps
     ema_net, _, _ = load_biflownet(dst)  # generate/restore use the EMA weights
     assert torch.equal(ema_net.stem.weight, sd["init_conv.weight"] + 0.01)
     # without the constructor the script defaults (8 heads, 24 groups) do not fit: the error names the keys
-    assert main(["convert-official", str(tmp_path / "official.pt"), str(tmp_path / "x.pt")]) == 2
+    assert main(["convert-official", "--json", str(tmp_path / "official.pt"), str(tmp_path / "x.pt")]) == 2
     assert "official.pt" in capsys.readouterr().err
     # the same through overrides instead of a constructor file
     ov = [
@@ -335,7 +335,7 @@ def test_convert_official_biflownet_checkpoint_reproduces_fixture(tmp_path, caps
         "biflownet.dit_heads=2",
         "biflownet.sub_volume=4",
     ]
-    assert main(["convert-official", str(tmp_path / "official.pt"), str(tmp_path / "y.pt"), *ov]) == 0
+    assert main(["convert-official", "--json", str(tmp_path / "official.pt"), str(tmp_path / "y.pt"), *ov]) == 0
     net2, _, _ = load_biflownet(tmp_path / "y.pt", use_ema=False)
     with torch.no_grad():
         torch.testing.assert_close(

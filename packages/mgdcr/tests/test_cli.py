@@ -17,15 +17,15 @@ MICRO = PKG / "configs" / "micro.yaml"
 
 
 def test_summary_paper_and_demo(capsys):
-    assert main(["summary", "--config", str(PKG / "configs" / "paper.yaml")]) == 0
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "paper.yaml")]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["DiffAE"]["total"] == 128_538_241 and s["SemanticEncoder"]["total"] == 24_671_232
     assert s["shapes"]["z_sem"] == [1, 512]
-    assert main(["summary", "--config", str(PKG / "configs" / "demo.yaml")]) == 0
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "demo.yaml")]) == 0
     assert json.loads(capsys.readouterr().out)["DiffAE"]["total"] == 1_185_473
     # the trained-toy config is the micro network (spec §8: 0.30 M parameters)
     for name in ("micro", "toy"):
-        assert main(["summary", "--config", str(PKG / "configs" / f"{name}.yaml")]) == 0
+        assert main(["summary", "--json", "--config", str(PKG / "configs" / f"{name}.yaml")]) == 0
         assert 0.29e6 < json.loads(capsys.readouterr().out)["DiffAE"]["total"] < 0.31e6
 
 
@@ -45,7 +45,7 @@ def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
     assert (
         main(
             [
-                "convert-official",
+                "convert-official", "--json",
                 str(tmp_path / "last.ckpt"),
                 str(tmp_path / "ours.pt"),
                 "--constructor",
@@ -68,7 +68,7 @@ def test_convert_official_lightning_checkpoint(tmp_path, ref_dir, capsys):
     assert (
         main(
             [
-                "convert-official",
+                "convert-official", "--json",
                 str(tmp_path / "junk.ckpt"),
                 str(tmp_path / "x.pt"),
                 "--constructor",
@@ -97,7 +97,7 @@ def test_convert_official_pickled_hyper_parameters(tmp_path, ref_dir, capsys):
         "global_step": 3,
     }
     torch.save(ckpt, tmp_path / "official.ckpt")
-    args = ["convert-official", str(tmp_path / "official.ckpt"), str(tmp_path / "ours.pt")]
+    args = ["convert-official", "--json", str(tmp_path / "official.ckpt"), str(tmp_path / "ours.pt")]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "--trust-pickle" in err and "OfficialConf" in err and len(err.strip().splitlines()) == 1
@@ -118,7 +118,7 @@ def micro_ckpt(tmp_path_factory):
     assert (
         main(
             [
-                "train",
+                "train", "--json",
                 "--config",
                 str(MICRO),
                 f"run.root={root}",
@@ -167,7 +167,7 @@ def test_encode_reconstruct_evaluate(tmp_path, micro_ckpt):
     assert (
         main(
             [
-                "encode",
+                "encode", "--json",
                 "--checkpoint",
                 str(micro_ckpt),
                 "--input",
@@ -198,7 +198,7 @@ def test_encode_reconstruct_evaluate(tmp_path, micro_ckpt):
     gt = tmp_path / "gt.nii.gz"
     write_image(img.with_array(np.clip(img.array + 0.05, 0, 1)), gt)
     assert (
-        main(["evaluate", "--pred", str(vol), "--gt", str(gt), "--K", "4", "--out", str(tmp_path / "m.json")])
+        main(["evaluate", "--json", "--pred", str(vol), "--gt", str(gt), "--K", "4", "--out", str(tmp_path / "m.json")])
         == 0
     )
     m = json.loads((tmp_path / "m.json").read_text())[vol.name]
@@ -211,7 +211,7 @@ def test_reconstruct_bad_inputs(tmp_path, micro_ckpt, capsys):
     write_image(np.zeros((16, 16, 7), np.float32), g)  # D = 7, but K=4, n=3 needs 9
     rc = main(
         [
-            "reconstruct",
+            "reconstruct", "--json",
             "--checkpoint",
             str(micro_ckpt),
             "--sax",
@@ -227,7 +227,7 @@ def test_reconstruct_bad_inputs(tmp_path, micro_ckpt, capsys):
     assert rc == 2 and "g.nii.gz" in capsys.readouterr().err
     rc = main(
         [
-            "reconstruct",
+            "reconstruct", "--json",
             "--checkpoint",
             str(micro_ckpt),
             "--sax",
@@ -241,7 +241,7 @@ def test_reconstruct_bad_inputs(tmp_path, micro_ckpt, capsys):
     assert rc == 2
     rc = main(
         [
-            "reconstruct",
+            "reconstruct", "--json",
             "--checkpoint",
             str(micro_ckpt),
             "--sax",
@@ -325,7 +325,7 @@ def test_demo_with_given_prior(tmp_path, micro_ckpt):
     """``mgdcr demo --prior CKPT`` skips training and reconstructs at the prior's image size."""
     rc = main(
         [
-            "demo",
+            "demo", "--json",
             "--out",
             str(tmp_path / "d"),
             "--config",

@@ -149,7 +149,7 @@ def test_convert_config_cli_writes_a_loadable_config(tmp_path, capsys):
 
     src = write_spec_yaml(tmp_path, "adni_sr_5_sam")
     dst = tmp_path / "ours.yaml"
-    assert main(["convert-config", str(src), str(dst)]) == 0
+    assert main(["convert-config", "--json", str(src), str(dst)]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert any("Q8" in n for n in rep["notes"])
     assert "# note: model.G.index_dim 0 -> 1" in dst.read_text()
@@ -161,15 +161,15 @@ def test_convert_config_cli_writes_a_loadable_config(tmp_path, capsys):
 def test_bad_official_yaml_is_one_line(tmp_path, capsys):
     from uni_coal.cli import main
 
-    assert main(["convert-config", str(tmp_path / "nope.yml"), str(tmp_path / "o.yaml")]) == 2
+    assert main(["convert-config", "--json", str(tmp_path / "nope.yml"), str(tmp_path / "o.yaml")]) == 2
     assert "nope.yml" in capsys.readouterr().err
     (tmp_path / "base.yml").write_text(BASE)  # a pix2pix baseline config, not UniCOAL
-    assert main(["convert-config", str(tmp_path / "base.yml"), str(tmp_path / "o.yaml")]) == 2
+    assert main(["convert-config", "--json", str(tmp_path / "base.yml"), str(tmp_path / "o.yaml")]) == 2
     err = capsys.readouterr().err
     assert "pix2pix" in err and "Traceback" not in err
     bad = write_spec_yaml(tmp_path, "brats_T1-T2")
     bad.write_text(bad.read_text().replace("c_dim: 1, index_dim: 1", "c_dim: 2, index_dim: 1"))
-    assert main(["convert-config", str(bad), str(tmp_path / "o.yaml")]) == 2
+    assert main(["convert-config", "--json", str(bad), str(tmp_path / "o.yaml")]) == 2
     assert "encoder mapping c_dim 2" in capsys.readouterr().err
 
 
@@ -260,7 +260,7 @@ def test_generator_without_delta_input_converts_exactly(tmp_path):
 
     src = tmp_path / "official.pt"
     torch.save({"generator": {"constructor": _tiny_official_ctor(0), "state_dict": official}}, src)
-    assert main(["convert-official", str(src), str(tmp_path / "ours.pt")]) == 0
+    assert main(["convert-official", "--json", str(src), str(tmp_path / "ours.pt")]) == 0
     g, _ = load_generator(tmp_path / "ours.pt")
     z, c, x = torch.randn(3, 8), torch.ones(3, 1), torch.rand(3, 4, 32, 32) * 2 - 1
     with torch.no_grad():

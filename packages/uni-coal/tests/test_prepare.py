@@ -60,7 +60,7 @@ def test_ixi_registered_uint8_and_splits(tmp_path, capsys):
     truth = ixi_folder(tmp_path / "raw", n=3, shift_vox=(0, 3, -2), flat=True)  # the IXI download layout
     out = tmp_path / "h5"
     assert (
-        main(["prepare", "--input", str(tmp_path / "raw"), "--output", str(out), "--test-fraction", "0.34"])
+        main(["prepare", "--json", "--input", str(tmp_path / "raw"), "--output", str(out), "--test-fraction", "0.34"])
         == 0
     )
     rep = json.loads(capsys.readouterr().out)
@@ -89,7 +89,7 @@ def test_loader_reads_what_prepare_writes(tmp_path):
     ixi_folder(tmp_path / "raw", n=2)
     out = tmp_path / "h5"
     assert (
-        main(["prepare", "--input", str(tmp_path / "raw"), "--output", str(out), "--registration", "none"])
+        main(["prepare", "--json", "--input", str(tmp_path / "raw"), "--output", str(out), "--registration", "none"])
         == 0
     )
     cfg = DataConfig(
@@ -114,7 +114,7 @@ def test_brats_layout_keeps_seg_labels(tmp_path, capsys):
         seg = np.where(lab == 3, 4, np.where(lab == 2, 2, 0)).astype(np.uint8)  # BraTS labels 0/1/2/4
         write_nii(raw / s / f"{s}_seg.nii.gz", seg)
     out = tmp_path / "h5"
-    assert main(["prepare", "--layout", "brats19", "--input", str(raw), "--output", str(out)]) == 0
+    assert main(["prepare", "--json", "--layout", "brats19", "--input", str(raw), "--output", str(out)]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert (
         rep["keys"] == ["t1", "t2", "flair", "seg"] and rep["registration"] == "none" and rep["subjects"] == 2
@@ -134,7 +134,7 @@ def test_adni_thick_flair_on_t1_grid_and_sr_pair(tmp_path, capsys):
     # FLAIR acquired with 5 mm slices: every 5th slice, 5x the spacing along z (same physical extent)
     write_nii(raw / "S1" / "S1-FLAIR.nii.gz", np.ascontiguousarray(ims["PD"][::5]), spacing=(1.0, 1.0, 5.0))
     out = tmp_path / "h5"
-    args = ["prepare", "--layout", "adni", "--input", str(raw), "--output", str(out), "--sr-thickness", "5"]
+    args = ["prepare", "--json", "--layout", "adni", "--input", str(raw), "--output", str(out), "--sr-thickness", "5"]
     assert main([*args, "--registration", "resample", "--test-fraction", "0"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["keys"] == ["t1", "flair", "t1_hr4sr", "t1_lr4sr"] and rep["train"] == 1
@@ -187,7 +187,7 @@ def test_bad_input_one_line_exit_2(case, tmp_path, capsys):
         victim = raw / "IXI000-Guys-0" / "IXI000-Guys-0-T2.nii.gz"
         victim.write_bytes(b"not a nifti")
         expect = str(victim)
-    args = ["prepare", "--input", str(raw), "--output", str(tmp_path / "h5")]
+    args = ["prepare", "--json", "--input", str(raw), "--output", str(tmp_path / "h5")]
     if case == "shape_mismatch":
         args += ["--registration", "none"]
     assert main(args) == 2

@@ -106,7 +106,7 @@ def test_deterministic_ddp_equals_one_process(tmp_path):
 def test_deterministic_refuses_groups_across_processes(tmp_path, capsys):
     from uni_coal.cli import main
 
-    rc = main(["train", "--config", str(PKG / "configs" / "demo.yaml"), f"run.root={tmp_path}",
+    rc = main(["train", "--json", "--config", str(PKG / "configs" / "demo.yaml"), f"run.root={tmp_path}",
                "run.deterministic=true", "train.batch_size=2", "discriminator.mbstd_group=4", "loss.lambda_sam=0"])  # fmt: skip
     assert rc == 2 and "discriminator.mbstd_group=4 must divide" in capsys.readouterr().err
 
@@ -114,7 +114,7 @@ def test_deterministic_refuses_groups_across_processes(tmp_path, capsys):
 def test_summary_cli(capsys):
     from uni_coal.cli import main
 
-    assert main(["summary", "--config", str(PKG / "configs" / "paper.yaml")]) == 0
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "paper.yaml")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["generator"]["total"] == 59_253_681
     assert out["discriminator"]["total"] == 24_592_448
@@ -125,7 +125,7 @@ def test_summary_cli(capsys):
 def test_bad_config_key_is_user_error(capsys):
     from uni_coal.cli import main
 
-    assert main(["summary", "--config", str(PKG / "configs" / "demo.yaml"), "generator.nope=1"]) == 2
+    assert main(["summary", "--json", "--config", str(PKG / "configs" / "demo.yaml"), "generator.nope=1"]) == 2
     assert "nope" in capsys.readouterr().err
 
 

@@ -151,3 +151,23 @@ def test_rundir_and_cli_give_one_line_for_bad_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pkg write: error:" in err and "x.txt" in err
     assert blocker.read_text() == "x"
+
+
+def test_emit_prints_human_lines_or_json(capsys):
+    """Issue 17: a verb's result is human ``key: value`` lines (nested keys dotted, floats 6 digits), or one JSON
+    document with --json; ``say`` lines appear only without --json; every verb accepts --json."""
+    import argparse
+    import json
+
+    from medsynth_core.cli import Verb, build_parser, emit, say
+
+    result = {"psnr": 31.234567891, "run": {"dir": "runs/x", "steps": [1, 2]}, "rows": [{"a": 1}], "none": None}
+    emit(argparse.Namespace(json=False), result)
+    say(argparse.Namespace(json=False), "written: x")
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["psnr: 31.2346", "run.dir: runs/x", "run.steps: [1, 2]", "rows[0].a: 1", "none: -", "written: x"]
+    emit(argparse.Namespace(json=True), result)
+    say(argparse.Namespace(json=True), "written: x")
+    assert json.loads(capsys.readouterr().out) == result
+    parser = build_parser("p", "d", [Verb("v", "help", lambda a: 0)])
+    assert parser.parse_args(["v", "--json"]).json and not parser.parse_args(["v"]).json

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ from medsynth_core.cli import (
     add_config_arguments,
     add_train_arguments,
     demo_arguments,
+    emit,
     preempted_exit,
     run_cli,
 )
@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     res = train(load(args.config, args.overrides), resume=args.resume)
-    print(json.dumps(res, indent=2))
+    emit(args, res)
     return preempted_exit(PROG, res)
 
 
@@ -88,7 +88,7 @@ def _augment(args: argparse.Namespace) -> int:
     res = augment_folder(
         net.to(args.device), cfg, args.images, args.out, labels=args.labels, device=args.device
     )
-    print(json.dumps({"files": res["files"], "written": len(res["written"]), "out": args.out}))
+    emit(args, {"files": res["files"], "written": len(res["written"]), "out": args.out})
     return 0
 
 
@@ -156,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         if not args.segmentations:
             raise UserError("evaluate needs --checkpoint (or only --segmentations with --labels)")
         write_metrics(args.out, metrics, None, csvs)
-        print(json.dumps(metrics, indent=2))
+        emit(args, metrics)
         return 0
     net, cfg = _net_and_cfg(args)
     net = net.to(args.device)
@@ -187,7 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.downstream:
         metrics["downstream"] = downstream_check(net, cfg)
     write_metrics(args.out, metrics, rows, csvs)
-    print(json.dumps(metrics.get("deformation", metrics["recovery"]), indent=2))
+    emit(args, metrics.get("deformation", metrics["recovery"]))
     return 0
 
 
@@ -265,7 +265,7 @@ def _downstream(args: argparse.Namespace) -> int:
         arm: {k: round(v["dsc_mean"]["mean"], 4) for k, v in per_k.items()}
         for arm, per_k in res["summary"].items()
     }
-    print(json.dumps({"dsc_mean": brief, "out": args.out, "seconds": round(res["seconds"], 1)}, indent=2))
+    emit(args, {"dsc_mean": brief, "out": args.out, "seconds": round(res["seconds"], 1)})
     return 0
 
 
@@ -274,9 +274,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     m = run_demo(args.out)
     rec = m["heldout"]["recovery"]
-    print(
-        json.dumps(
-            {
+    emit(args, {
                 "figure": str(Path(args.out) / "figure.png"),
                 "seconds": m["seconds"],
                 "recovery": {
@@ -284,10 +282,7 @@ def _demo(args: argparse.Namespace) -> int:
                 },
                 "augment": {k: m["augment"][k] for k in ("phi", "psi_rand", "psi_rand_matched")},
                 "downstream": m.get("downstream"),
-            },
-            indent=2,
-        )
-    )
+            })
     return 0
 
 
@@ -316,7 +311,7 @@ def _summary(args: argparse.Namespace) -> int:
             "outputs": {"I_t": [1, 1] + [s] * nd, "U_lab": [1, nd] + [s] * nd, "U_img": [1, nd] + [s] * nd},
         },
     }
-    print(json.dumps(out, indent=2))
+    emit(args, out)
     return 0
 
 
@@ -330,7 +325,7 @@ def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_official
 
     rep = convert_official(args.src, args.dst, args.config)
-    print(json.dumps(rep, indent=2))
+    emit(args, rep)
     if rep["unmapped"]:
         print(
             f"warning: {len(rep['unmapped'])} key(s) of {args.src} were not used: {rep['unmapped']}",

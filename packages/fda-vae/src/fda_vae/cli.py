@@ -10,16 +10,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, preempted_exit, run_cli
+from medsynth_core.cli import (
+    UserError,
+    Verb,
+    add_train_arguments,
+    demo_arguments,
+    emit,
+    preempted_exit,
+    run_cli,
+)
 
 PROG = "fda-vae"
 ISSUE = "#3"
 DESCRIPTION = "Flip Distribution Alignment VAE: multi-phase contrast MRI synthesis"
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
-
-
-def _print(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, default=str))
 
 
 def _load_cfg(path: str | None, overrides: Sequence[str] = ()):
@@ -55,10 +59,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     result = train(_load_cfg(args.config, train_overrides(args)), resume=args.resume)
-    from medsynth_core.distributed import is_main_process
 
-    if is_main_process():
-        _print(result)
+    emit(args, result)  # rank 0 only
     return preempted_exit(PROG, result)
 
 
@@ -124,7 +126,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
             )
             for a, b in targets
         ]
-    _print(done)
+    emit(args, done)
     return 0
 
 
@@ -168,7 +170,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, what="output root")
 
-    _print(
+    emit(args,
         prepare_lld_mmri(
             args.raw,
             args.out,
@@ -260,7 +262,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     atomic_write_text(out / "metrics.json", json.dumps(report, indent=2))
     atomic_write_text(out / "per_slice.csv", rows_to_csv(all_rows))
-    _print(report)
+    emit(args, report)
     return 0
 
 
@@ -309,7 +311,7 @@ def summarize(cfg) -> dict[str, Any]:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    _print(summarize(_load_cfg(args.config, args.overrides)))
+    emit(args, summarize(_load_cfg(args.config, args.overrides)))
     return 0
 
 
@@ -348,7 +350,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.norm_num_groups is not None and args.norm_num_groups < 1:
         raise UserError(f"--norm-num-groups must be >= 1, got {args.norm_num_groups}")
     report = convert_official(args.src, args.dst, cfg, constructor, args.norm_num_groups)
-    _print(report)
+    emit(args, report)
     if report["dropped_keys"]:
         print(
             f"dropped {len(report['dropped_keys'])} key(s) that the official forward never uses (proj_attn)",
@@ -364,7 +366,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = run_demo(args.out)
     result["seconds"] = time.perf_counter() - t0
-    _print(result)
+    emit(args, result)
     return 0
 
 

@@ -13,7 +13,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from medsynth_core.cli import UserError, Verb, add_train_arguments, demo_arguments, preempted_exit, run_cli
+from medsynth_core.cli import (
+    UserError,
+    Verb,
+    add_train_arguments,
+    demo_arguments,
+    emit,
+    preempted_exit,
+    run_cli,
+    say,
+)
 
 PROG = "meddiffusion3d"
 DESCRIPTION = "3D MedDiffusion: patch-volume VQ autoencoder, BiFlowNet latent diffusion and ControlNet"
@@ -65,7 +74,7 @@ def _train_ae(args: argparse.Namespace) -> int:
     from .train_ae import train_ae
 
     res = train_ae(_load_cfg(args, f"ae.stage{args.stage}.amp"), args.stage, resume=args.resume, init=args.init)
-    print(f"run folder: {res['run_dir']}")
+    emit(args, res)
     return preempted_exit(PROG, res)
 
 
@@ -94,8 +103,8 @@ def _encode(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, what="--out")  # before loading anything (issue 18)
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
-    for f in encode_files(ae, cfg, args.input, args.out, pad=args.pad, chunk=args.chunk, device=args.device):
-        print(f)
+    files = encode_files(ae, cfg, args.input, args.out, pad=args.pad, chunk=args.chunk, device=args.device)
+    emit(args, {"written": [str(f) for f in files]})
     return 0
 
 
@@ -114,10 +123,8 @@ def _decode(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, what="--out")
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
-    for f in decode_files(
-        ae, cfg, args.input, args.out, tile=args.tile, overlap=args.overlap, device=args.device
-    ):
-        print(f)
+    files = decode_files(ae, cfg, args.input, args.out, tile=args.tile, overlap=args.overlap, device=args.device)
+    emit(args, {"written": [str(f) for f in files]})
     return 0
 
 
@@ -126,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     res = train(_load_cfg(args, "train.amp"), resume=args.resume)
-    print(f"run folder: {res['run_dir']}")
+    emit(args, res)
     return preempted_exit(PROG, res)
 
 
@@ -134,7 +141,7 @@ def _train_cn(args: argparse.Namespace) -> int:
     from .train_controlnet import train_controlnet
 
     res = train_controlnet(_load_cfg(args), resume=args.resume)
-    print(f"run folder: {res['run_dir']}")
+    emit(args, res)
     return preempted_exit(PROG, res)
 
 
@@ -174,8 +181,8 @@ def _generate(args: argparse.Namespace) -> int:
     gen = Generator(args.checkpoint, args.ae_checkpoint, args.device)
     cls = parse_class(args.cls, gen.cfg.biflownet.classes, "--class")
     vols = gen.generate(cls, args.shape, args.n, args.seed, sampler=args.sampler, steps=args.steps)
-    for f in write_volumes(vols, args.out, f"class{cls}", args.spacing, gen.ae_cfg):
-        print(f)
+    files = write_volumes(vols, args.out, f"class{cls}", args.spacing, gen.ae_cfg)
+    emit(args, {"written": [str(f) for f in files]})
     return 0
 
 
@@ -226,9 +233,7 @@ def _restore(args: argparse.Namespace) -> int:
     if target is not None:
         m = restoration_metrics(restored, target, degraded)
         atomic_write_text(Path(args.out) / "metrics.json", json.dumps(m, indent=2))
-        print(json.dumps(m, indent=2))
-    for f in files:
-        print(f)
+    emit(args, {**({"metrics": m} if target is not None else {}), "written": [str(f) for f in files]})
     return 0
 
 
@@ -302,8 +307,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if not summary:
         raise UserError("nothing to evaluate: pass --checkpoint and/or --real/--fake")
     path = E.write_report(args.out, summary, rows or None)
-    print(json.dumps(summary, indent=2))
-    print(f"written: {path}")
+    emit(args, {**summary, "written": str(path)})
     return 0
 
 
@@ -320,25 +324,20 @@ def _demo(args: argparse.Namespace) -> int:
         short["generate"].update(
             {k: m["heldout"]["generate"][k] for k in ("classifier_accuracy", "fid", "mmd")}
         )
-        print(json.dumps({"heldout": short, "seconds": m["train"]["seconds"]}, indent=2))
-        print(f"written: {args.out}/metrics.json, {args.out}/heldout/, {args.out}/figure_*.png")
+        emit(args, {"heldout": short, "seconds": m["train"]["seconds"]})
+        say(args, f"written: {args.out}/metrics.json, {args.out}/heldout/, {args.out}/figure_*.png")
         return 0
     from .demo import run_demo
 
     m = run_demo(args.out)
     d = m["diffusion"]
     short = {k: d[k] for k in ("generated_shape", "generated_finite", "restore_task", "restore")}
-    print(
-        json.dumps(
-            {
+    emit(args, {
                 **{k: m[k] for k in ("stage1", "stage2")},
                 "diffusion": short,
                 "total_seconds": m["total_seconds"],
-            },
-            indent=2,
-        )
-    )
-    print(f"written: {args.out}/figure.png, {args.out}/metrics.json")
+            })
+    say(args, f"written: {args.out}/figure.png, {args.out}/metrics.json")
     return 0
 
 
@@ -400,7 +399,7 @@ def _summary_args(p: argparse.ArgumentParser) -> None:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    print(json.dumps(summarize(_load_cfg(args)), indent=2))
+    emit(args, summarize(_load_cfg(args)))
     return 0
 
 
@@ -431,12 +430,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    print(
-        json.dumps(
-            convert_checkpoint(args.src, args.dst, args.official_config, args.overrides, args.trust_pickle),
-            indent=2,
-        )
-    )
+    emit(args, convert_checkpoint(args.src, args.dst, args.official_config, args.overrides, args.trust_pickle))
     return 0
 
 

@@ -14,6 +14,7 @@ from medsynth_core.cli import (
     add_config_arguments,
     add_train_arguments,
     demo_arguments,
+    emit,
     run_cli,
 )
 
@@ -40,10 +41,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     if cfg.latent.enabled:
-        print(f"run directory: {train_latent(cfg, resume=args.resume)}")
+        emit(args, {"run_dir": str(train_latent(cfg, resume=args.resume))})
         return 0
     report: dict = {}
-    print(f"run directory: {train(cfg, resume=args.resume, report=report)}")
+    run_dir = train(cfg, resume=args.resume, report=report)
+    emit(args, {"run_dir": str(run_dir), **report})
     return preempted_exit(PROG, report)
 
 
@@ -77,7 +79,7 @@ def _encode(args: argparse.Namespace) -> int:
     xt, z = prior.encode(torch.as_tensor(x, dtype=torch.float32, device=dev))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"x_T": xt.cpu(), "z_sem": z.cpu(), "steps": args.steps}, args.out)
-    print(f"wrote {args.out}: x_T {tuple(xt.shape)}, z_sem {tuple(z.shape)}")
+    emit(args, {"written": str(args.out), "x_T": list(xt.shape), "z_sem": list(z.shape)})
     return 0
 
 
@@ -305,7 +307,8 @@ def _reconstruct(args: argparse.Namespace) -> int:
         write_image(MedicalImage.from_dhw(np.clip(vol, 0, 1).astype(np.float32), out_aff), out / name)
     save_panel(out / f"{stem}_frame_{args.frame}_panel.png", x[kept], planes, res.volume, res.seeds)
     (out / f"{stem}_frame_{args.frame}_history.json").write_text(json.dumps(res.history, indent=1))
-    print(f"wrote {path} ({res.iterations} iterations) and the z-linear baseline beside it")
+    emit(args, {"written": str(path), "iterations": res.iterations, "folder": str(out),
+                "also": "the DiffAE seeds, the z-linear baseline, the panel PNG and the loss history, beside it"})  # fmt: skip
     return 0
 
 
@@ -329,8 +332,7 @@ def _heldout(args, prior, sax, sax_aff, planes, ic, path: Path, targets=None, sa
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))
-    print(json.dumps(res, indent=2))
-    print(f"wrote {path}")
+    emit(args, {**res, "written": str(path)})
     return 0
 
 
@@ -385,7 +387,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         n + "," + ",".join(str(r.get(k, "")) for k in keys) for n, r in res.items()
     ]
     out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
-    print(json.dumps(res, indent=2))
+    emit(args, res)
     return 0
 
 
@@ -411,7 +413,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     s = run_demo(args.out, config=args.config, overrides=args.overrides, prior=args.prior)
-    print(json.dumps(s, indent=2))
+    emit(args, s)
     return 0
 
 
@@ -440,7 +442,7 @@ def summarise(cfg) -> dict:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    print(json.dumps(summarise(_load_cfg(args)), indent=2))
+    emit(args, summarise(_load_cfg(args)))
     return 0
 
 
@@ -478,8 +480,7 @@ def _convert(args: argparse.Namespace) -> int:
 
         constructor = load_config(Config, args.config).model
     res = convert_official(args.src, args.dst, constructor, args.prefix, args.trust_pickle)
-    print(f"wrote {res['dst']} ({res['n_keys']} tensors)")
-    print(f"unmapped keys ({len(res['unmapped'])}): {res['unmapped'][:20]}")
+    emit(args, {"written": res["dst"], "tensors": res["n_keys"], "unmapped": res["unmapped"]})
     return 0
 
 

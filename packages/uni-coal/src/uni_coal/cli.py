@@ -4,7 +4,6 @@ convert-config)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from medsynth_core.cli import (
     add_config_arguments,
     add_train_arguments,
     demo_arguments,
+    emit,
     run_cli,
 )
 
@@ -42,7 +42,7 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     res = train(cfg, resume=args.resume)
-    print(json.dumps({"run": res["run"], "steps": res["steps"], "step": res["step"], "last": res["last"]}))
+    emit(args, {"run": res["run"], "steps": res["steps"], "step": res["step"], "last": res["last"]})
     return preempted_exit(PROG, res)
 
 
@@ -73,9 +73,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     if args.thickness <= 0 or args.out_step <= 0:
         raise UserError("--thickness and --out-step must be > 0")
     check_output_path(args.output, folder=False, what="--output")  # before loading anything (issue 18)
-    print(
-        json.dumps(
-            synthesize_nifti(
+    emit(args, synthesize_nifti(
                 args.checkpoint,
                 args.input,
                 args.output,
@@ -85,9 +83,7 @@ def _synthesize(args: argparse.Namespace) -> int:
                 args.seed,
                 args.batch_size,
                 args.device,
-            )
-        )
-    )
+            ))
     return 0
 
 
@@ -133,7 +129,7 @@ def _prepare(args: argparse.Namespace) -> int:
         args.seed,
         args.skip_incomplete,
     )
-    print(json.dumps(res))
+    emit(args, res)
     return 0
 
 
@@ -178,14 +174,14 @@ def _evaluate(args: argparse.Namespace) -> int:
         res = evaluate_folders(args.pred, args.target, args.out, paper_norm=not args.fixed_range)
     else:
         raise UserError("give --pred and --target folders, or --checkpoint with --source/--target")
-    print(json.dumps({"mean": res["mean"], "std": res["std"], "n": res["n"]}))
+    emit(args, {"mean": res["mean"], "std": res["std"], "n": res["n"]})
     return 0
 
 
 def _summary(args: argparse.Namespace) -> int:
     from .summary import summary
 
-    print(json.dumps(summary(_load(args)), indent=2))
+    emit(args, summary(_load(args)))
     return 0
 
 
@@ -209,12 +205,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_official
 
-    print(
-        json.dumps(
-            convert_official(args.src, args.dst, args.config, args.official_config, args.trust_pickle),
-            indent=2,
-        )
-    )
+    emit(args, convert_official(args.src, args.dst, args.config, args.official_config, args.trust_pickle))
     return 0
 
 
@@ -228,7 +219,7 @@ def _convert_config_args(p: argparse.ArgumentParser) -> None:
 def _convert_config(args: argparse.Namespace) -> int:
     from .convert import convert_official_config
 
-    print(json.dumps(convert_official_config(args.src, args.dst), indent=2))
+    emit(args, convert_official_config(args.src, args.dst))
     return 0
 
 
@@ -236,7 +227,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     res = run_demo(args.out)
-    print(json.dumps({k: v for k, v in res.items() if k != "figure"}, indent=2))
+    emit(args, {k: v for k, v in res.items() if k != "figure"})
     return 0
 
 

@@ -3,15 +3,21 @@
 A package lists its verbs (name, help, how to add its arguments, what to run) and calls
 :func:`run_cli`. Errors meant for the user (bad config key, unreadable file, foreign checkpoint)
 print one clear line and exit with status 2 instead of a traceback.
+
+Output (issue 17): a verb prints its result with :func:`emit`, as human ``key: value`` lines, or as one JSON
+document when the user passes ``--json`` (every verb accepts it); :func:`say` prints a human-only line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .config import ConfigError
 from .errors import CheckpointError, OutputPathError
@@ -69,6 +75,51 @@ def demo_arguments(prog: str) -> Callable[[argparse.ArgumentParser], None]:
     return add
 
 
+def _scalar(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}" if math.isfinite(v) else str(v)
+    if v is None:
+        return "-"
+    return str(v)
+
+
+def human_lines(obj: Any, prefix: str = "") -> Iterator[str]:
+    """``key: value`` lines of a (nested) result: nested keys dotted, lists of scalars on one line, floats with
+    6 significant digits."""
+    if isinstance(obj, Mapping):
+        if not obj and prefix:
+            yield f"{prefix}: -"
+        for k, v in obj.items():
+            yield from human_lines(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)) and any(isinstance(v, (Mapping, list, tuple)) for v in obj):
+        for i, v in enumerate(obj):
+            yield from human_lines(v, f"{prefix}[{i}]")
+    elif isinstance(obj, (list, tuple)):
+        yield f"{prefix}: [{', '.join(_scalar(v) for v in obj)}]" if prefix else ", ".join(_scalar(v) for v in obj)
+    else:
+        yield f"{prefix}: {_scalar(obj)}" if prefix else _scalar(obj)
+
+
+def emit(args: argparse.Namespace, result: Any) -> None:
+    """Print a verb's result on stdout: human lines, or one JSON document with ``--json``. Only the main
+    process prints (a verb run under torchrun reports once)."""
+    from .distributed import is_main_process
+
+    if not is_main_process():
+        return
+    if getattr(args, "json", False):
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        for line in human_lines(result):
+            print(line)
+
+
+def say(args: argparse.Namespace, text: str) -> None:
+    """A human-only line (``written: ...``); silent with ``--json`` so stdout stays one JSON document."""
+    if not getattr(args, "json", False):
+        print(text)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .io import MedicalIOError
 
@@ -93,6 +144,8 @@ def build_parser(prog: str, description: str, verbs: Sequence[Verb]) -> argparse
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in verbs:
         p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
+        p.add_argument("--json", action="store_true",
+                       help="print the result as one JSON document (default: human key: value lines)")
         if verb.add_arguments is not None:
             verb.add_arguments(p)
         p.set_defaults(_run=verb.run)
