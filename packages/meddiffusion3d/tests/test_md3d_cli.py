@@ -369,6 +369,8 @@ def test_controlnet_resume_is_bit_exact_and_base_untouched(demo_out, tmp_path):
     assert a["step"] == b["step"] == 2
     for k, v in a["models"]["controlnet"].items():
         assert torch.equal(v, b["models"]["controlnet"][k]), k
+    # a one-step denoise preview at the last step (issue 17: every loop writes PNG previews)
+    assert (latest_checkpoint(cfg(tmp_path / "a", 2)).parent.parent / "images" / "step_00000002.png").is_file()
     # the zero convs left zero after two steps; the base checkpoint file is unchanged
     assert any(
         a["models"]["controlnet"][k].abs().sum() > 0 for k in a["models"]["controlnet"] if "zero_conv" in k

@@ -126,6 +126,7 @@ def test_resume_is_bit_exact_and_ema_follows_the_rule(tmp_path):
         "diffusion.ema=0.5",
         "train.ckpt_every=1",
         "run.keep_last=10",
+        "train.sample_every=2",  # previews mid-run (issue 17) must not disturb training or resume
     ]
     straight = _cfg(tmp_path, tmp_path / "a", "train.steps=4", *ema)
     train(straight)
@@ -136,6 +137,8 @@ def test_resume_is_bit_exact_and_ema_follows_the_rule(tmp_path):
     assert a.name == b.name == "step_00000004.pt"
     ca, cb = load_checkpoint(a, kind=KIND), load_checkpoint(b, kind=KIND)
     _assert_same(ca, cb)
+    pngs = sorted(p.name for p in (a.parent.parent / "images").glob("*.png"))
+    assert pngs == ["step_00000002.png", "step_00000004.png"], pngs
     # every parameter but the frozen position embedding moved (all get gradients; no find_unused_parameters)
     c0 = load_checkpoint(a.parent / "step_00000001.pt", kind=KIND)
     c2 = load_checkpoint(a.parent / "step_00000002.pt", kind=KIND)

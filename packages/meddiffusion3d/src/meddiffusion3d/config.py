@@ -218,6 +218,7 @@ class TrainConfig:
     amp: Literal["off", "bf16", "fp16"] | bool = "fp16"
     ckpt_every: int = 500
     log_every: int = 100
+    sample_every: int = 1000  # PNG previews of a one-step denoise (0: at the last step only)
     num_workers: int = 0
     # multi-resolution ("universal", spec §2) training: latents of several shapes train together, each batch
     # from one shape; "DxHxW" (latent shape) -> latents per process for that bucket, others use `batch_size`
@@ -233,6 +234,7 @@ class TrainConfig:
         require(self.lr > 0, "lr", "must be > 0")
         require(self.ckpt_every > 0, "ckpt_every", "must be > 0")
         require(self.log_every > 0, "log_every", "must be > 0")
+        require(self.sample_every >= 0, "sample_every", "must be >= 0 (0: at the last step only)")
 
 
 @dataclass
@@ -249,6 +251,7 @@ class ControlNetConfig:
     control_scales: tuple[float, ...] = (1.0,)  # one value for all, or one per level + mid
     ckpt_every: int = 500
     log_every: int = 50
+    sample_every: int = 500  # PNG previews of a one-step denoise with the hint (0: at the last step only)
     # true (official: the authors fine-tune on folders of pre-computed condition/GT latents): every training
     # volume and its degraded hint are encoded once by the frozen AE before the loop. false: encode the
     # clean volume and simulate + encode the hint at every step (slower; random stage-2 crops every epoch)
@@ -259,6 +262,7 @@ class ControlNetConfig:
         require(self.steps > 0 and self.batch_size > 0, "steps", "and batch_size must be > 0")
         require(self.lr > 0, "lr", "must be > 0")
         require(self.ckpt_every > 0 and self.log_every >= 0, "ckpt_every", "must be > 0 (log_every >= 0)")
+        require(self.sample_every >= 0, "sample_every", "must be >= 0 (0: at the last step only)")
 
 
 @dataclass

@@ -155,6 +155,31 @@ def draw_generators(cfg, step: int, local_batch: int, rank: int, device: torch.d
     return step_generator(cfg.run.seed, step, rank, device)
 
 
+@torch.no_grad()
+def save_denoise_preview(path: Path, model: torch.nn.Module, diff, z0: torch.Tensor, y: torch.Tensor,
+                         hint: torch.Tensor | None = None, seed: int = 0) -> Path:
+    """PNG preview of a diffusion training run (issue 17: every loop writes previews): orthogonal views of
+    latent channel 0 of the batch's first sample, clean (z0), noised to t = T/2 with a fixed ε (x_t), and the
+    x̂0 the network predicts from it in one step (plus the hint's channel 0 for ControlNet). The network runs
+    in eval mode and draws from its own generator, so training and resume are untouched."""
+    from medsynth_core.viz import save_volume_views
+
+    was_training = model.training
+    model.eval()
+    z = z0[:1].float()
+    t = torch.full((1,), diff.num_timesteps // 2, dtype=torch.long, device=z.device)
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(seed)).to(z.device)
+    x_t = diff.q_sample(z, t, eps)
+    kw = {"y": y[:1], "res": resolution_code(z.shape[2:], 1, device=z.device)}
+    if hint is not None:
+        kw["hint"] = hint[:1]
+    x0_hat = diff.predict_start_from_noise(x_t, t, model(x_t, t, **kw).float())
+    model.train(was_training)
+    vols = [z, x_t, x0_hat] + ([hint[:1].float()] if hint is not None else [])
+    titles = ["z0", f"x_t (t={int(t)})", "x0_hat (one step)"] + (["hint"] if hint is not None else [])
+    return save_volume_views(path, [v[0, 0].detach().cpu() for v in vols], titles=titles)
+
+
 def _bucket_batches(tc, grids: list[tuple[int, int, int]]) -> dict[tuple[int, int, int], int]:
     """Per-process batch of every latent grid: ``train.bucket_batch["DxHxW"]``, else ``train.batch_size``."""
     given = {bucket_shape(k): int(v) for k, v in tc.bucket_batch.items()}
@@ -236,6 +261,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="biflownet"
                     )
+                if info.is_main and T.due(step + 1, tc.sample_every, tc.steps):
+                    save_denoise_preview(run.images / f"step_{step + 1:08d}.png", model, diff, z, y, seed=cfg.run.seed)
                 if stop.checkpoint_step(step + 1, tc.ckpt_every, tc.steps, save):  # SIGTERM: this step saved, leave
                     preempted, end = stop.signal_name, step + 1
                     break

@@ -28,7 +28,7 @@ from .data import VolumeSource, WholeVolumeDataset
 from .generate import Generator
 from .restore import CONTROLNET_KIND as KIND
 from .restore import LatentEncoder, check_task_params, simulate
-from .train import PACKAGE, draw_generators
+from .train import PACKAGE, draw_generators, save_denoise_preview
 
 
 @torch.no_grad()
@@ -149,6 +149,9 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
                     logger.log(
                         step + 1, D.all_reduce_dict({"loss": float(loss.detach())}), prefix="controlnet"
                     )
+                if info.is_main and T.due(step + 1, cc.sample_every, cc.steps):
+                    save_denoise_preview(run.images / f"step_{step + 1:08d}.png", m, diff, z0, y, hint=hint,
+                                         seed=cfg.run.seed)  # fmt: skip
                 if stop.checkpoint_step(step + 1, cc.ckpt_every, cc.steps, save):  # SIGTERM: this step saved, leave
                     preempted, end = stop.signal_name, step + 1
                     break
