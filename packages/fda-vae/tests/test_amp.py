@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fda_vae.amp import autocast, grad_scaler, resolve_amp
-from fda_vae.cli import PROG, VERBS, main, train_overrides
+from fda_vae.cli import PROG, VERBS, amp_override, main
 from fda_vae.config import Config
 from fda_vae.train import Trainer
 from medsynth_core.cli import UserError, build_parser
@@ -63,9 +63,9 @@ def test_amp_helpers_on_cpu():
 def test_amp_option_parses(tmp_path):
     parser = build_parser(PROG, "", VERBS)
     args = parser.parse_args(["train", "--config", DEMO, "--amp", "bf16", "train.steps=2"])
-    assert args.amp == "bf16" and train_overrides(args) == ["train.steps=2", "run.amp=bf16"]
+    assert args.amp == "bf16" and args.overrides == ["train.steps=2"] and amp_override(args) == ["run.amp=bf16"]
     args = parser.parse_args(["train", "--config", DEMO])
-    assert args.amp is None and train_overrides(args) == []  # the config decides (default off)
+    assert args.amp is None and amp_override(args) == []  # the config decides (default off)
     for verb in (
         ["synthesize", "--checkpoint", "c", "--input", "i", "--output", "o"],
         ["evaluate", "--checkpoint", "c", "--out", "o"],

@@ -171,3 +171,61 @@ def test_emit_prints_human_lines_or_json(capsys):
     assert json.loads(capsys.readouterr().out) == result
     parser = build_parser("p", "d", [Verb("v", "help", lambda a: 0)])
     assert parser.parse_args(["v", "--json"]).json and not parser.parse_args(["v"]).json
+
+
+def test_shared_train_and_summary_verbs(tmp_path, capsys):
+    """Issue 17: train and summary are defined once in core (same options and help in every package): train
+    loads the config, calls the package's function with the parsed args, prints the (reported) result and
+    exits 143 with one line when the run was preempted; summary prints summarise(cfg); config_loader reads
+    a path or a bundled name and appends extra overrides."""
+    import json
+    from dataclasses import dataclass
+
+    from medsynth_core.cli import HELP, config_loader, run_cli, summary_verb, train_verb
+
+    @dataclass
+    class Cfg:
+        steps: int = 1
+        amp: str = "off"
+
+    calls = []
+
+    def load(args):
+        return Cfg(steps=int(args.overrides[0].split("=")[1]) if args.overrides else 1)
+
+    def train(cfg, args):
+        calls.append((cfg.steps, args.resume, args.extra))
+        return {"step": cfg.steps, "preempted": "SIGTERM" if cfg.steps == 9 else None}
+
+    verbs = [
+        train_verb("p", load, train, add_arguments=lambda ap: ap.add_argument("--extra", default="x"),
+                   report=lambda r: {"step": r["step"]}),  # fmt: skip
+        summary_verb(load, lambda cfg: {"steps": cfg.steps}),
+    ]
+    assert run_cli("p", "d", verbs, ["train", "--json", "--config", "c", "steps=3", "--resume", "r.pt"]) == 0
+    assert calls == [(3, "r.pt", "x")] and json.loads(capsys.readouterr().out) == {"step": 3}
+    assert run_cli("p", "d", verbs, ["train", "--config", "c", "steps=9"]) == 143
+    out, err = capsys.readouterr()
+    assert out.strip() == "step: 9" and "stopped by SIGTERM after step 9" in err
+    assert run_cli("p", "d", verbs, ["summary", "--config", "c", "steps=4"]) == 0
+    assert capsys.readouterr().out.strip() == "steps: 4"
+    assert verbs[0].help == HELP["train"] and verbs[1].help == HELP["summary"]
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").write_text("steps: 5\n")
+    pkg_file = tmp_path / "src" / "pkg" / "cli.py"  # bundled configs sit at <package>/configs
+    pkg_file.parent.mkdir(parents=True)
+    import argparse
+
+    loader = config_loader("medsynth_core.testing_cfg:Cfg", str(pkg_file), lambda a: ["amp=bf16"])
+    import sys
+    import types
+
+    mod = types.ModuleType("medsynth_core.testing_cfg")
+    mod.Cfg = Cfg
+    sys.modules["medsynth_core.testing_cfg"] = mod
+    try:
+        cfg = loader(argparse.Namespace(config="demo", overrides=["steps=6"]))
+    finally:
+        del sys.modules["medsynth_core.testing_cfg"]
+    assert (cfg.steps, cfg.amp) == (6, "bf16")

@@ -8,14 +8,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsynth_core.cli import (
+    HELP,
     UserError,
     Verb,
     add_config_arguments,
-    add_train_arguments,
     demo_arguments,
     emit,
-    preempted_exit,
     run_cli,
+    summary_verb,
+    train_verb,
 )
 
 PROG = "drdm"
@@ -24,13 +25,16 @@ DESCRIPTION = (
 )
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
     from .config import load
+
+    return load(args.config, args.overrides)  # ours, a bundled name, or an official Config/config_*.yaml
+
+
+def _run_train(cfg, args: argparse.Namespace):
     from .train import train
 
-    res = train(load(args.config, args.overrides), resume=args.resume)
-    emit(args, res)
-    return preempted_exit(PROG, res)
+    return train(cfg, resume=args.resume)
 
 
 def _net_and_cfg(args: argparse.Namespace):
@@ -274,28 +278,26 @@ def _demo(args: argparse.Namespace) -> int:
 
     m = run_demo(args.out)
     rec = m["heldout"]["recovery"]
-    emit(args, {
-                "figure": str(Path(args.out) / "figure.png"),
-                "seconds": m["seconds"],
-                "recovery": {
-                    k: {n: round(v[n], 3) for n in ("cosine", "epe_ratio")} for k, v in rec["fields"].items()
-                },
-                "augment": {k: m["augment"][k] for k in ("phi", "psi_rand", "psi_rand_matched")},
-                "downstream": m.get("downstream"),
-            })
+    emit(
+        args,
+        {
+            "figure": str(Path(args.out) / "figure.png"),
+            "seconds": m["seconds"],
+            "recovery": {
+                k: {n: round(v[n], 3) for n in ("cosine", "epe_ratio")} for k, v in rec["fields"].items()
+            },
+            "augment": {k: m["augment"][k] for k in ("phi", "psi_rand", "psi_rand_matched")},
+            "downstream": m.get("downstream"),
+        },
+    )
     return 0
 
 
-def _summary_args(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p)
-
-
-def _summary(args: argparse.Namespace) -> int:
+def summarise(cfg) -> dict:
     from medsynth_core.training import count_parameters
 
-    from .config import build_network, load
+    from .config import build_network
 
-    cfg = load(args.config, args.overrides)
     net = build_network(cfg)
     s, nd = cfg.diffusion.img_size, cfg.model.ndims
     out = {
@@ -311,8 +313,7 @@ def _summary(args: argparse.Namespace) -> int:
             "outputs": {"I_t": [1, 1] + [s] * nd, "U_lab": [1, nd] + [s] * nd, "U_img": [1, nd] + [s] * nd},
         },
     }
-    emit(args, out)
-    return 0
+    return out
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -335,14 +336,14 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", _train, add_train_arguments),
+    train_verb(PROG, _load, _run_train),
     Verb(
         "augment",
         "write deformed images, labels and deformation fields for a folder of NIfTI images",
         _augment,
         _augment_args,
     ),
-    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", _evaluate, _evaluate_args),
+    Verb("evaluate", HELP["evaluate"], _evaluate, _evaluate_args),
     Verb(
         "downstream",
         "paper Table 2 in small: U-Net on k labelled subjects without / BigAug / DRDM augmentation",
@@ -351,16 +352,12 @@ VERBS = [
     ),
     Verb(
         "demo",
-        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        HELP["demo"],
         _demo,
         demo_arguments(PROG),
     ),
-    Verb(
-        "summary", "print parameter counts and shapes of every network in a config", _summary, _summary_args
-    ),
-    Verb(
-        "convert-official", "convert an official checkpoint to this package's format", _convert, _convert_args
-    ),
+    summary_verb(_load, summarise),
+    Verb("convert-official", HELP["convert-official"], _convert, _convert_args),
 ]
 
 

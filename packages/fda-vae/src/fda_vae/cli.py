@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from medsynth_core.cli import (
+    HELP,
     UserError,
     Verb,
-    add_train_arguments,
+    config_loader,
     demo_arguments,
     emit,
-    preempted_exit,
     run_cli,
+    summary_verb,
+    train_verb,
 )
 
 PROG = "fda-vae"
@@ -45,23 +47,15 @@ def _add_amp(p: argparse.ArgumentParser, default: str | None, extra: str = "") -
 
 
 # ------------------------------------------------------------------------------------------- train
-def add_train(p: argparse.ArgumentParser) -> None:
-    add_train_arguments(p)
-    _add_amp(p, None, " (default: the config's run.amp, off)")
+def amp_override(args: argparse.Namespace) -> list[str]:
+    """``--amp`` of ``train`` as the config key ``run.amp`` (after the ``key=value`` arguments)."""
+    return [f"run.amp={args.amp}"] if getattr(args, "amp", None) else []
 
 
-def train_overrides(args: argparse.Namespace) -> list[str]:
-    """The config overrides of ``train``: the ``key=value`` arguments, then ``--amp`` as ``run.amp``."""
-    return [*args.overrides, *([f"run.amp={args.amp}"] if args.amp else [])]
-
-
-def cmd_train(args: argparse.Namespace) -> int:
+def _run_train(cfg, args: argparse.Namespace):
     from .train import train
 
-    result = train(_load_cfg(args.config, train_overrides(args)), resume=args.resume)
-
-    emit(args, result)  # rank 0 only
-    return preempted_exit(PROG, result)
+    return train(cfg, resume=args.resume)
 
 
 # -------------------------------------------------------------------------------------- synthesize
@@ -170,7 +164,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, what="output root")
 
-    emit(args,
+    emit(
+        args,
         prepare_lld_mmri(
             args.raw,
             args.out,
@@ -179,7 +174,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             args.min_fraction,
             register=args.register,
             register_iterations=args.register_iterations,
-        )
+        ),
     )
     return 0
 
@@ -267,11 +262,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------- summary
-def add_summary(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-
 def summarize(cfg) -> dict[str, Any]:
     from medsynth_core.training import count_parameters
 
@@ -308,11 +298,6 @@ def summarize(cfg) -> dict[str, Any]:
     if cfg.loss.w_perc > 0 and cfg.loss.perceptual == "resnet50-random":
         out["perceptual_resnet50_frozen"] = count_parameters(PerceptualLoss("resnet50-random"))
     return out
-
-
-def cmd_summary(args: argparse.Namespace) -> int:
-    emit(args, summarize(_load_cfg(args.config, args.overrides)))
-    return 0
 
 
 # -------------------------------------------------------------------------------- convert-official
@@ -371,7 +356,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", cmd_train, add_train),
+    train_verb(
+        PROG,
+        config_loader("fda_vae.config:Config", __file__, amp_override),
+        _run_train,
+        add_arguments=lambda p: _add_amp(p, None, " (default: the config's run.amp, off)"),
+    ),  # fmt: skip
     Verb(
         "synthesize",
         "translate 2D slices or whole 3D NIfTI volumes from one phase to the other",
@@ -385,19 +375,17 @@ VERBS = [
         cmd_prepare,
         add_prepare,
     ),
-    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", cmd_evaluate, add_evaluate),
+    Verb("evaluate", HELP["evaluate"], cmd_evaluate, add_evaluate),
     Verb(
         "demo",
-        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        HELP["demo"],
         cmd_demo,
         demo_arguments(PROG),
     ),
-    Verb(
-        "summary", "print parameter counts and shapes of every network in a config", cmd_summary, add_summary
-    ),
+    summary_verb(config_loader("fda_vae.config:Config", __file__), summarize),
     Verb(
         "convert-official",
-        "convert an official checkpoint to this package's format",
+        HELP["convert-official"],
         cmd_convert,
         add_convert,
     ),

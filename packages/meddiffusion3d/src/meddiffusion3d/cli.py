@@ -16,25 +16,27 @@ from pathlib import Path
 from medsynth_core.cli import (
     UserError,
     Verb,
-    add_train_arguments,
+    config_loader,
     demo_arguments,
     emit,
-    preempted_exit,
     run_cli,
     say,
+    summary_verb,
+    train_verb,
 )
 
 PROG = "meddiffusion3d"
 DESCRIPTION = "3D MedDiffusion: patch-volume VQ autoencoder, BiFlowNet latent diffusion and ControlNet"
 
 
-def _load_cfg(args: argparse.Namespace, amp_key: str | None = None):
-    from medsynth_core.config import config_file, load_config
+def _amp_key(key: str):
+    """``--amp`` as the config key ``key`` (``ae.stage{stage}.amp`` takes the ``--stage`` given)."""
+    return lambda args: (
+        [f"{key.format(stage=getattr(args, 'stage', 1))}={args.amp}"] if getattr(args, "amp", None) else []
+    )
 
-    from .config import Config
 
-    extra = [f"{amp_key}={args.amp}"] if amp_key and getattr(args, "amp", None) else []
-    return load_config(Config, config_file(args.config, __file__), [*args.overrides, *extra])
+_load_cfg = config_loader("meddiffusion3d.config:Config", __file__)
 
 
 def _amp_arg(p: argparse.ArgumentParser, key: str) -> None:
@@ -48,13 +50,11 @@ def _amp_arg(p: argparse.ArgumentParser, key: str) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    add_train_arguments(p)
     _amp_arg(p, "train.amp")
 
 
 # ----------------------------------------------------------------------------------------- train-ae
 def _train_ae_args(p: argparse.ArgumentParser) -> None:
-    add_train_arguments(p)
     _amp_arg(p, "ae.stage<N>.amp")
     p.add_argument(
         "--stage",
@@ -70,12 +70,10 @@ def _train_ae_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _train_ae(args: argparse.Namespace) -> int:
+def _run_train_ae(cfg, args: argparse.Namespace) -> dict:
     from .train_ae import train_ae
 
-    res = train_ae(_load_cfg(args, f"ae.stage{args.stage}.amp"), args.stage, resume=args.resume, init=args.init)
-    emit(args, res)
-    return preempted_exit(PROG, res)
+    return train_ae(cfg, args.stage, resume=args.resume, init=args.init)
 
 
 # ----------------------------------------------------------------------------------- encode/decode
@@ -123,26 +121,24 @@ def _decode(args: argparse.Namespace) -> int:
 
     check_output_path(args.out, what="--out")
     ae, cfg, _ = load_autoencoder(args.checkpoint, args.device)
-    files = decode_files(ae, cfg, args.input, args.out, tile=args.tile, overlap=args.overlap, device=args.device)
+    files = decode_files(
+        ae, cfg, args.input, args.out, tile=args.tile, overlap=args.overlap, device=args.device
+    )
     emit(args, {"written": [str(f) for f in files]})
     return 0
 
 
 # ------------------------------------------------------------------------------------ train (BiFlowNet)
-def _train(args: argparse.Namespace) -> int:
+def _run_train(cfg, args: argparse.Namespace) -> dict:
     from .train import train
 
-    res = train(_load_cfg(args, "train.amp"), resume=args.resume)
-    emit(args, res)
-    return preempted_exit(PROG, res)
+    return train(cfg, resume=args.resume)
 
 
-def _train_cn(args: argparse.Namespace) -> int:
+def _run_train_cn(cfg, args: argparse.Namespace) -> dict:
     from .train_controlnet import train_controlnet
 
-    res = train_controlnet(_load_cfg(args), resume=args.resume)
-    emit(args, res)
-    return preempted_exit(PROG, res)
+    return train_controlnet(cfg, resume=args.resume)
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
@@ -332,11 +328,14 @@ def _demo(args: argparse.Namespace) -> int:
     m = run_demo(args.out)
     d = m["diffusion"]
     short = {k: d[k] for k in ("generated_shape", "generated_finite", "restore_task", "restore")}
-    emit(args, {
-                **{k: m[k] for k in ("stage1", "stage2")},
-                "diffusion": short,
-                "total_seconds": m["total_seconds"],
-            })
+    emit(
+        args,
+        {
+            **{k: m[k] for k in ("stage1", "stage2")},
+            "diffusion": short,
+            "total_seconds": m["total_seconds"],
+        },
+    )
     say(args, f"written: {args.out}/figure.png, {args.out}/metrics.json")
     return 0
 
@@ -393,16 +392,6 @@ def summarize(cfg) -> dict:
     }
 
 
-def _summary_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*", metavar="key=value")
-
-
-def _summary(args: argparse.Namespace) -> int:
-    emit(args, summarize(_load_cfg(args)))
-    return 0
-
-
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "src",
@@ -430,25 +419,36 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from .convert import convert_checkpoint
 
-    emit(args, convert_checkpoint(args.src, args.dst, args.official_config, args.overrides, args.trust_pickle))
+    emit(
+        args, convert_checkpoint(args.src, args.dst, args.official_config, args.overrides, args.trust_pickle)
+    )
     return 0
 
 
 VERBS = [
-    Verb(
-        "train",
-        "train BiFlowNet on cached latents (train.latents + train.manifest)",
-        _train,
-        _train_args,
+    train_verb(
+        PROG,
+        config_loader("meddiffusion3d.config:Config", __file__, _amp_key("train.amp")),
+        _run_train,
+        help="train BiFlowNet on cached latents (train.latents + train.manifest)",
+        add_arguments=_train_args,
     ),
-    Verb("train-ae", "train the patch-volume autoencoder (--stage 1|2)", _train_ae, _train_ae_args),
+    train_verb(
+        PROG,
+        config_loader("meddiffusion3d.config:Config", __file__, _amp_key("ae.stage{stage}.amp")),
+        _run_train_ae,
+        name="train-ae",
+        help="train the patch-volume autoencoder (--stage 1|2)",
+        add_arguments=_train_ae_args,
+    ),
     Verb("encode", "encode volumes to normalised latent files", _encode, _encode_args),
     Verb("decode", "decode latent files to volumes (NIfTI + PNG)", _decode, _decode_args),
-    Verb(
-        "train-controlnet",
-        "train a ControlNet for a degraded-input task (controlnet.base, controlnet.task)",
-        _train_cn,
-        add_train_arguments,
+    train_verb(
+        PROG,
+        _load_cfg,
+        _run_train_cn,
+        name="train-controlnet",
+        help="train a ControlNet for a degraded-input task (controlnet.base, controlnet.task)",
     ),
     Verb("generate", "sample new volumes of a class and shape (NIfTI + PNG)", _generate, _generate_args),
     Verb("restore", "restore a degraded volume with a trained ControlNet", _restore, _restore_args),
@@ -465,9 +465,7 @@ VERBS = [
         _demo,
         _demo_args,
     ),
-    Verb(
-        "summary", "print parameter counts and shapes of every network in a config", _summary, _summary_args
-    ),
+    summary_verb(_load_cfg, summarize),
     Verb(
         "convert-official",
         "convert an official PatchVolume checkpoint to this package's format",

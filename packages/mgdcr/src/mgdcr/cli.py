@@ -11,11 +11,11 @@ from pathlib import Path
 from medsynth_core.cli import (
     UserError,
     Verb,
-    add_config_arguments,
-    add_train_arguments,
     demo_arguments,
     emit,
     run_cli,
+    summary_verb,
+    train_verb,
 )
 
 PROG = "mgdcr"
@@ -34,22 +34,16 @@ def _load_cfg(args: argparse.Namespace):
 
 
 # ------------------------------------------------------------------------------------------------ train
-def _train(args: argparse.Namespace) -> int:
-    from medsynth_core.cli import preempted_exit
-
+def _run_train(cfg, args: argparse.Namespace) -> dict:
     from .train import train, train_latent
 
-    cfg = _load_cfg(args)
-    if cfg.latent.enabled:
-        emit(args, {"run_dir": str(train_latent(cfg, resume=args.resume))})
-        return 0
+    if cfg.latent.enabled:  # the latent DDIM of z_sem (spec §1.4) on a trained prior
+        return {"run_dir": str(train_latent(cfg, resume=args.resume))}
     report: dict = {}
     run_dir = train(cfg, resume=args.resume, report=report)
-    emit(args, {"run_dir": str(run_dir), **report})
-    return preempted_exit(PROG, report)
+    return {"run_dir": str(run_dir), **report}
 
 
-# ------------------------------------------------------------------------------------------------ encode
 def _add_encode(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="mgdcr checkpoint (EMA weights are used)")
     p.add_argument("--input", required=True, help="3D (Z,H,W) or 4D cine SAX NIfTI")
@@ -441,11 +435,6 @@ def summarise(cfg) -> dict:
     }
 
 
-def _summary(args: argparse.Namespace) -> int:
-    emit(args, summarise(_load_cfg(args)))
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------ convert
 def _add_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="official Lightning .ckpt (model./ema_model. prefixes) or a raw state dict")
@@ -485,7 +474,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 VERBS = [
-    Verb("train", "train the DiffAE prior (single process or under torchrun)", _train, add_train_arguments),
+    train_verb(
+        PROG,
+        _load_cfg,
+        _run_train,
+        help="train the DiffAE prior, or with latent.enabled its latent DDIM "
+        "(single process or under torchrun)",
+    ),  # fmt: skip
     Verb("encode", "encode SAX slices to (x_T, z_sem)", _encode, _add_encode),
     Verb(
         "reconstruct",
@@ -505,12 +500,7 @@ VERBS = [
         _demo,
         _add_demo,
     ),
-    Verb(
-        "summary",
-        "print parameter counts and shapes of every network in a config",
-        _summary,
-        lambda p: add_config_arguments(p),
-    ),
+    summary_verb(_load_cfg, summarise),
     Verb(
         "convert-official",
         "convert an official DiffAE/cine-SR checkpoint to this package's format",

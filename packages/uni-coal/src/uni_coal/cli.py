@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medsynth_core.cli import (
+    HELP,
     UserError,
     Verb,
-    add_config_arguments,
-    add_train_arguments,
     demo_arguments,
     emit,
     run_cli,
+    summary_verb,
+    train_verb,
 )
 
 PROG = "uni-coal"
@@ -35,15 +36,14 @@ def _load(args: argparse.Namespace):
         raise UserError(str(exc)) from exc
 
 
-def _train(args: argparse.Namespace) -> int:
-    from medsynth_core.cli import preempted_exit
-
+def _run_train(cfg, args: argparse.Namespace):
     from .train import train
 
-    cfg = _load(args)
-    res = train(cfg, resume=args.resume)
-    emit(args, {"run": res["run"], "steps": res["steps"], "step": res["step"], "last": res["last"]})
-    return preempted_exit(PROG, res)
+    return train(cfg, resume=args.resume)
+
+
+def _train_report(res) -> dict:
+    return {k: res[k] for k in ("run", "steps", "step", "last")}
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
@@ -73,17 +73,20 @@ def _synthesize(args: argparse.Namespace) -> int:
     if args.thickness <= 0 or args.out_step <= 0:
         raise UserError("--thickness and --out-step must be > 0")
     check_output_path(args.output, folder=False, what="--output")  # before loading anything (issue 18)
-    emit(args, synthesize_nifti(
-                args.checkpoint,
-                args.input,
-                args.output,
-                args.target,
-                args.thickness,
-                args.out_step,
-                args.seed,
-                args.batch_size,
-                args.device,
-            ))
+    emit(
+        args,
+        synthesize_nifti(
+            args.checkpoint,
+            args.input,
+            args.output,
+            args.target,
+            args.thickness,
+            args.out_step,
+            args.seed,
+            args.batch_size,
+            args.device,
+        ),
+    )
     return 0
 
 
@@ -178,11 +181,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(args: argparse.Namespace) -> int:
+def _summarise(cfg) -> dict:
     from .summary import summary
 
-    emit(args, summary(_load(args)))
-    return 0
+    return summary(cfg)
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -232,7 +234,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 VERBS = [
-    Verb("train", "train the model (single process or under torchrun)", _train, add_train_arguments),
+    train_verb(PROG, _load, _run_train, report=_train_report),
     Verb(
         "synthesize",
         "synthesize a target modality / thin slices from a NIfTI volume",
@@ -240,22 +242,15 @@ VERBS = [
         _synth_args,
     ),
     Verb("prepare", "convert NIfTI volumes to the h5 training layout", _prepare, _prepare_args),
-    Verb("evaluate", "compute the paper's metrics and write JSON/CSV", _evaluate, _eval_args),
+    Verb("evaluate", HELP["evaluate"], _evaluate, _eval_args),
     Verb(
         "demo",
-        "train briefly on the embedded phantom, resume once, infer, evaluate",
+        HELP["demo"],
         _demo,
         demo_arguments(PROG),
     ),
-    Verb(
-        "summary",
-        "print parameter counts and shapes of every network in a config",
-        _summary,
-        lambda p: add_config_arguments(p),
-    ),
-    Verb(
-        "convert-official", "convert an official checkpoint to this package's format", _convert, _convert_args
-    ),
+    summary_verb(_load, _summarise),
+    Verb("convert-official", HELP["convert-official"], _convert, _convert_args),
     Verb(
         "convert-config",
         "convert an official UniCOAL YAML config to this package's config",

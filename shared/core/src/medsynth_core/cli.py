@@ -52,25 +52,108 @@ class Verb:
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
+# the help texts of the verbs every package offers (PACKAGE_CONTRACT), the same words in every package
+HELP = {
+    "train": "train the model (single process or under torchrun)",
+    "evaluate": "compute the paper's metrics and write JSON/CSV",
+    "demo": "train the demo recipe on phantoms (resuming once) and score it on held-out phantoms against "
+    "the named baselines",
+    "summary": "print parameter counts and shapes of every network in a config",
+    "convert-official": "convert an official checkpoint to this package's format",
+}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """``--config C`` plus trailing ``key.sub=value`` overrides."""
-    parser.add_argument("--config", required=required, help="YAML config: a path, or the name of a bundled one (demo, paper; see the package's configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. train.lr=2e-4 data.root=/data/x")
+    parser.add_argument(
+        "--config",
+        required=required,
+        help="YAML config: a path, or the name of a bundled one (demo, paper; see the package's configs/)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. train.lr=2e-4 data.root=/data/x",
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--resume", default=None,
-                        help="checkpoint to resume from (default: the latest in the run directory)")
+    parser.add_argument(
+        "--resume", default=None, help="checkpoint to resume from (default: the latest in the run directory)"
+    )
+
+
+def train_verb(
+    prog: str,
+    load: Callable[[argparse.Namespace], Any],
+    train: Callable[[Any, argparse.Namespace], Mapping[str, Any]],
+    *,
+    name: str = "train",
+    help: str = HELP["train"],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    report: Callable[[Mapping[str, Any]], Any] | None = None,
+) -> Verb:
+    """The ``train`` verb of every package: ``--config`` + overrides + ``--resume`` (+ the package's extra
+    options), ``train(load(args), args)`` (it reads ``args.resume`` and its own options), the result through
+    :func:`emit` (``report`` picks what to print), and exit 143 with one line when SIGTERM stopped the run
+    after checkpointing."""
+
+    def run(args: argparse.Namespace) -> int:
+        result = train(load(args), args)
+        emit(args, dict(result) if report is None else report(result))
+        return preempted_exit(prog, dict(result))
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        add_train_arguments(parser)
+        if add_arguments is not None:
+            add_arguments(parser)
+
+    return Verb(name, help, run, add)
+
+
+def summary_verb(
+    load: Callable[[argparse.Namespace], Any], summarise: Callable[[Any], Mapping[str, Any]]
+) -> Verb:
+    """The ``summary`` verb of every package: ``--config`` + overrides, ``summarise(cfg)`` through :func:`emit`."""
+
+    def run(args: argparse.Namespace) -> int:
+        emit(args, summarise(load(args)))
+        return 0
+
+    return Verb("summary", HELP["summary"], run, add_config_arguments)
+
+
+def config_loader(
+    config_class: str, package_file: str, extra: Callable[[argparse.Namespace], list[str]] | None = None
+):
+    """``load(args)`` of a package: its config class (``"module:Class"``, imported when called so ``--help``
+    stays torch-free) from ``--config`` (a path or a bundled name next to ``package_file``) with the trailing
+    overrides, then ``extra(args)`` (e.g. ``--amp`` as a config key)."""
+
+    def load(args: argparse.Namespace):
+        import importlib
+
+        from .config import config_file, load_config
+
+        module, name = config_class.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        overrides = [*args.overrides, *(extra(args) if extra else [])]
+        return load_config(cls, config_file(args.config, package_file), overrides)
+
+    return load
 
 
 def demo_arguments(prog: str) -> Callable[[argparse.ArgumentParser], None]:
     """``--out`` (default ``runs/demo/<prog>``) for the ``demo`` verb."""
 
     def add(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--out", default=f"runs/demo/{prog}",
-                            help=f"output folder for figure.png and metrics.json (default runs/demo/{prog})")
+        parser.add_argument(
+            "--out",
+            default=f"runs/demo/{prog}",
+            help=f"output folder for figure.png and metrics.json (default runs/demo/{prog})",
+        )
 
     return add
 
@@ -95,7 +178,11 @@ def human_lines(obj: Any, prefix: str = "") -> Iterator[str]:
         for i, v in enumerate(obj):
             yield from human_lines(v, f"{prefix}[{i}]")
     elif isinstance(obj, (list, tuple)):
-        yield f"{prefix}: [{', '.join(_scalar(v) for v in obj)}]" if prefix else ", ".join(_scalar(v) for v in obj)
+        yield (
+            f"{prefix}: [{', '.join(_scalar(v) for v in obj)}]"
+            if prefix
+            else ", ".join(_scalar(v) for v in obj)
+        )
     else:
         yield f"{prefix}: {_scalar(obj)}" if prefix else _scalar(obj)
 
@@ -144,8 +231,11 @@ def build_parser(prog: str, description: str, verbs: Sequence[Verb]) -> argparse
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in verbs:
         p = sub.add_parser(verb.name, help=verb.help, description=verb.help)
-        p.add_argument("--json", action="store_true",
-                       help="print the result as one JSON document (default: human key: value lines)")
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help="print the result as one JSON document (default: human key: value lines)",
+        )
         if verb.add_arguments is not None:
             verb.add_arguments(p)
         p.set_defaults(_run=verb.run)
@@ -154,8 +244,10 @@ def build_parser(prog: str, description: str, verbs: Sequence[Verb]) -> argparse
 
 def run_cli(prog: str, description: str, verbs: Sequence[Verb], argv: Sequence[str] | None = None) -> int:
     args = build_parser(prog, description, verbs).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     try:
         return int(args._run(args) or 0)
     except _user_errors() as exc:
@@ -165,14 +257,21 @@ def run_cli(prog: str, description: str, verbs: Sequence[Verb], argv: Sequence[s
     except KeyboardInterrupt:
         print(f"{prog} {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other command-line tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 def not_implemented(prog: str, issue: str) -> Callable[[argparse.Namespace], int]:
     """Handler for verbs whose implementation has not landed yet: says so, exits non-zero."""
 
     def run(args: argparse.Namespace) -> int:
-        print(f"{prog} {args.verb}: not implemented yet (tracked in issue {issue}); no output was written",
-              file=sys.stderr)
+        print(
+            f"{prog} {args.verb}: not implemented yet (tracked in issue {issue}); no output was written",
+            file=sys.stderr,
+        )
         return EXIT_NOT_IMPLEMENTED
 
     return run
