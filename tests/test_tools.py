@@ -84,3 +84,35 @@ def test_declared_demo_threads_match_the_recipes():
         "uni-coal": int(next(o for o in RECIPE if o.startswith("run.threads=")).split("=")[1]),
     }
     assert declared == actual
+
+
+def test_bench_compare_measures_both_trees(tmp_path):
+    """Issue 19: ``--compare REV`` times each case in fresh processes against this tree and against a git
+    worktree of REV (its own code), interleaved, and reports both times, peak RSS and the ratio."""
+    import os
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        import pytest
+
+        pytest.skip("not a git checkout")
+    out = tmp_path / "cmp.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench.py"), "--compare", "HEAD", "--package", "drdm",
+           "--case", "drdm-demo", "--threads", "1", "--repeats", "2", "--inner-repeats", "1",
+           "--trees", str(tmp_path / "trees"), "--out", str(out)]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rep = json.loads(out.read_text())["compare"]
+        assert rep["base"]["commit"] == head.stdout.strip()
+        rows = [r for r in rep["rows"] if "metric" in r]
+        assert {r["metric"] for r in rows} == {"train_step_s", "infer_latency_s"}, rep
+        for r in rows:
+            assert r["ours_s"] > 0 and r["base_s"] > 0 and abs(r["ratio"] - r["base_s"] / r["ours_s"]) < 1e-9
+            assert r["base_module"].startswith(str(tmp_path / "trees")) and r["ours_module"].startswith(str(ROOT))
+            assert r["ours_peak_rss_mb"] > 0 and r["base_peak_rss_mb"] > 0 and r["processes"] == 2
+        assert "ratio" in proc.stdout
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", *map(str, (tmp_path / "trees").glob("tree-*"))],
+                       capture_output=True)  # fmt: skip
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
