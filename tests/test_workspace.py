@@ -146,3 +146,14 @@ def test_one_config_vocabulary(pkg):
     old = next(iter(cls.RENAMED))
     with pytest.raises(ConfigError, match=f"'{old}' is now '{cls.RENAMED[old]}'"):
         load_config(cls, None, [f"{old}=1"])
+    # a checkpoint written before the rename (its config in the old spellings) still loads, unchanged
+    from medsynth_core.config import _pop_dotted, _set_dotted, config_from_dict, config_to_dict
+
+    demo = bundled_configs(importlib.import_module(f"{pkg.import_name}.config").__file__) / "demo.yaml"
+    now = config_to_dict(load_config(cls, demo))
+    before = config_to_dict(load_config(cls, demo))
+    for old_key, new_key in cls.RENAMED.items():
+        found, value = _pop_dotted(before, new_key)
+        if found:
+            _set_dotted(before, old_key, value)
+    assert before != now and config_to_dict(config_from_dict(cls, before)) == now
