@@ -205,7 +205,7 @@ def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
     m = json.loads((demo_out / "metrics.json").read_text())["diffusion"]
     bf, cn = m["checkpoints"]["biflownet"], m["checkpoints"]["controlnet"]
     out = tmp_path / "gen"
-    args = ["generate", "--json", "--checkpoint", bf, "--class", "1", "--shape", "32", "32", "32", "--out", str(out)]
+    args = ["generate", "--checkpoint", bf, "--class", "1", "--shape", "32", "32", "32", "--out", str(out)]
     assert main([*args, "--spacing", "1.5", "1.5", "2.0", "--n", "2", "--steps", "2"]) == 0
     img = mio.read_image(out / "class1_001.nii.gz")
     assert img.to_dhw().shape == (32, 32, 32) and np.allclose(np.diag(img.affine), [1.5, 1.5, 2.0, 1.0])
@@ -232,7 +232,7 @@ def test_generate_and_restore_verbs(demo_out, tmp_path, capsys):
     assert (
         main(
             [
-                "restore", "--json",
+                "restore",
                 "--checkpoint",
                 cn,
                 "--input",

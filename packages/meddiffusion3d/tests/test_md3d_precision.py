@@ -67,8 +67,10 @@ def test_cli_amp_flag_sets_the_stage_or_train_mode(tmp_path, capsys):
     assert "train.latents" in capsys.readouterr().err
     import argparse
 
-    from meddiffusion3d.cli import _load_cfg
+    from meddiffusion3d.cli import _load_ae_cfg, _load_train_cfg
 
     ns = argparse.Namespace(config=str(demo), overrides=["train.amp=off"], amp="bf16")
-    assert _load_cfg(ns, "train.amp").train.amp == "bf16"  # the flag wins over an override
-    assert _load_cfg(argparse.Namespace(config=str(demo), overrides=[], amp=None), "train.amp").train.amp == "off"
+    assert _load_train_cfg(ns).train.amp == "bf16"  # the flag wins over an override
+    assert _load_train_cfg(argparse.Namespace(config=str(demo), overrides=[], amp=None)).train.amp == "off"
+    ae = _load_ae_cfg(argparse.Namespace(config=str(demo), overrides=[], amp="bf16", stage=2))
+    assert (ae.ae.stage2.amp, ae.ae.stage1.amp) == ("bf16", "off")

@@ -37,6 +37,8 @@ def _amp_key(key: str):
 
 
 _load_cfg = config_loader("meddiffusion3d.config:Config", __file__)
+_load_train_cfg = config_loader("meddiffusion3d.config:Config", __file__, _amp_key("train.amp"))
+_load_ae_cfg = config_loader("meddiffusion3d.config:Config", __file__, _amp_key("ae.stage{stage}.amp"))
 
 
 def _amp_arg(p: argparse.ArgumentParser, key: str) -> None:
@@ -428,14 +430,14 @@ def _convert(args: argparse.Namespace) -> int:
 VERBS = [
     train_verb(
         PROG,
-        config_loader("meddiffusion3d.config:Config", __file__, _amp_key("train.amp")),
+        _load_train_cfg,
         _run_train,
         help="train BiFlowNet on cached latents (train.latents + train.manifest)",
         add_arguments=_train_args,
     ),
     train_verb(
         PROG,
-        config_loader("meddiffusion3d.config:Config", __file__, _amp_key("ae.stage{stage}.amp")),
+        _load_ae_cfg,
         _run_train_ae,
         name="train-ae",
         help="train the patch-volume autoencoder (--stage 1|2)",
