@@ -2,12 +2,15 @@
 loss, ancestral DDPM sampling, a corrected DDIM (spec §6 item 8), optional classifier-free guidance (off by
 default: the official model has none) and the model-EMA rule of spec §2 / checklist item 14.
 
+The samplers step with MONAI's schedulers (``medsynth_core.schedulers``: ``AncestralScheduler`` for DDPM,
+``SpacedDDIMScheduler`` for DDIM; issue 17) on the official float32 schedule; the module keeps the official
+buffers for checkpoints and training.
+
 The denoiser is called as ``denoise_fn(x_t, t, y=y, res=res)`` and, for a ControlNet, with ``hint=hint`` too.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medsynth_core.schedulers import AncestralScheduler, SpacedDDIMScheduler, cosine_clipped, randn
 from medsynth_core.training import EMA, progress
 
 __all__ = ["GaussianDiffusion", "ModelEMA", "cosine_beta_schedule", "randn"]
@@ -24,28 +28,7 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008) -> torch.Tensor:
     """β_t of the cosine schedule (Nichol & Dhariwal), in float64, clipped to [0, 0.9999] (spec §3)."""
-    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
-    ac = torch.cos((x / timesteps + s) / (1 + s) * math.pi * 0.5) ** 2
-    ac = ac / ac[0]
-    return torch.clip(1 - ac[1:] / ac[:-1], 0, 0.9999)
-
-
-def randn(
-    shape: Sequence[int], generator: Generator = None, device: Any = None, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
-    """Standard normal noise. ``generator`` may be a list with one generator per batch element, so that a batch
-    gives the same draws as the same samples run one at a time."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
-        out = torch.stack(
-            [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        )
-    elif generator is not None:  # draw on the generator's device (a CPU generator also serves CUDA tensors)
-        out = torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype)
-    else:
-        return torch.randn(tuple(shape), device=device, dtype=dtype)
-    return out.to(device) if device is not None else out
+    return cosine_clipped(timesteps, s, max_beta=0.9999)
 
 
 def _extract(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -112,6 +95,12 @@ class GaussianDiffusion(nn.Module):
         }
         for k, v in bufs.items():  # computed in float64, stored as float32 (as officially)
             self.register_buffer(k, v.to(torch.float32), persistent=True)
+        # MONAI schedulers on the same schedule, kept in float64 and cast where used, so their coefficients equal
+        # the float32 buffers above (plain attributes: not in the state dict)
+        sched = dict(schedule="cosine_clipped", s=0.008, max_beta=0.9999)
+        object.__setattr__(self, "ddpm", AncestralScheduler(timesteps, clip_sample=clip_denoised, **sched))
+        object.__setattr__(self, "ddim", SpacedDDIMScheduler(
+            timesteps, clip_sample=clip_denoised, recompute_eps=self.ddim_recompute_eps, **sched))  # fmt: skip
 
     # --------------------------------------------------------------------------------- forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -208,10 +197,6 @@ class GaussianDiffusion(nn.Module):
         eps_u = denoise_fn(x, t, y=torch.full_like(y, self.null_class), **kw)
         return eps_u + guidance_scale * (eps - eps_u)
 
-    def _x0(self, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, clip: bool) -> torch.Tensor:
-        x0 = self.predict_start_from_noise(x, t, eps)
-        return x0.clamp(-1.0, 1.0) if clip else x0
-
     # --------------------------------------------------------------------------------- DDPM
     @torch.no_grad()
     def p_sample(
@@ -225,13 +210,13 @@ class GaussianDiffusion(nn.Module):
         guidance_scale: float = 1.0,
         generator: Generator = None,
     ) -> torch.Tensor:
-        """One ancestral step x_t → x_{t−1}: posterior mean from clipped x̂₀, variance β̃ (log-clipped)."""
+        """One ancestral step x_t → x_{t−1} (MONAI's DDPM step): posterior mean from the clipped x̂₀, variance β̃
+        (floored at 1e-20); no noise at t = 0. The batch shares one timestep."""
+        step = int(t.reshape(-1)[0])
+        if not bool((t == step).all()):
+            raise ValueError(f"p_sample steps a batch at one timestep, got {t.tolist()}")
         eps = self.model_eps(denoise_fn, x, t, y, res, hint, guidance_scale)
-        x0 = self._x0(x, t, eps, self.clip_denoised)
-        mean, _, log_var = self.q_posterior(x0, x, t)
-        noise = randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        nonzero = (t != 0).to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
-        return mean + nonzero * (0.5 * log_var).exp() * noise
+        return self.ddpm.step(eps, step, x, generator)[0]
 
     @torch.no_grad()
     def sample_ddpm(
@@ -279,21 +264,14 @@ class GaussianDiffusion(nn.Module):
         """x_t → x_{t_prev} (Song et al. eq. 12). Fixes spec §6 item 8: ᾱ broadcast over 5-D batches, σ taken out
         of the direction term, ᾱ_prev = 1 after the last step (t_prev = −1). The direction uses the network's ε
         as officially, or, with ``ddim_recompute_eps``, the ε of the clipped x̂₀."""
-        b = x.shape[0]
-        tt = torch.full((b,), t, device=x.device, dtype=torch.long)
+        if not (0 <= t < self.num_timesteps and -1 <= t_prev < t):
+            raise ValueError(f"DDIM step needs 0 <= t_prev < t < {self.num_timesteps} or t_prev = -1, got {t}, {t_prev}")
+        # a pair outside the scheduler's current list (sample_ddim sets the whole list once)
+        if self.ddim._prev.get(t) != t_prev:
+            self.ddim.set_timesteps(timesteps=[t] if t_prev < 0 else [t_prev, t])
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         eps = self.model_eps(denoise_fn, x, tt, y, res, hint, guidance_scale)
-        x0 = self._x0(x, tt, eps, self.clip_denoised)
-        ac = self.alphas_cumprod.to(torch.float64)
-        a_t = float(ac[t])
-        a_prev = float(ac[t_prev]) if t_prev >= 0 else 1.0
-        if self.ddim_recompute_eps and self.clip_denoised:  # flag: ε consistent with the clipped x̂₀
-            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
-        sigma = eta * math.sqrt((1.0 - a_prev) / (1.0 - a_t)) * math.sqrt(max(1.0 - a_t / a_prev, 0.0))
-        dir_coef = math.sqrt(max(1.0 - a_prev - sigma**2, 0.0))
-        x_prev = math.sqrt(a_prev) * x0 + dir_coef * eps
-        if sigma > 0:
-            x_prev = x_prev + sigma * randn(x.shape, generator, device=x.device, dtype=x.dtype)
-        return x_prev
+        return self.ddim.step(eps, t, x, eta=eta, generator=generator)[0]
 
     @torch.no_grad()
     def sample_ddim(
@@ -310,6 +288,7 @@ class GaussianDiffusion(nn.Module):
         show_progress: bool = False,
     ) -> torch.Tensor:
         ts = self.ddim_timesteps(steps)
+        self.ddim.set_timesteps(timesteps=ts)
         x = z
         pairs = list(zip(ts, [*ts[1:], -1], strict=True))
         it = progress(pairs, total=len(pairs), desc="DDIM") if show_progress else pairs
