@@ -10,6 +10,7 @@ from drdm.infer import load_network
 from drdm.model import sinusoid_table
 from drdm.train import train
 from medsynth_core.checkpoint import CheckpointError, atomic_torch_save, build_checkpoint, load_checkpoint
+from medsynth_core.config import ConfigError
 from medsynth_core.distributed import torchrun_command
 
 
@@ -145,6 +146,42 @@ def test_out_init_scale_flag(tmp_path):
             sd["conv_out.weight"], scale * ref["conv_out.weight"], rtol=1e-5, atol=1e-9
         )
         torch.testing.assert_close(sd["b1.0.conv0.weight"], ref["b1.0.conv0.weight"], rtol=1e-5, atol=1e-9)
+
+
+def test_ema_flag(tmp_path):
+    """train.ema_decay (extension): 0 (official) keeps no average and load_network gives the trained weights;
+    d > 0 keeps theta_ema <- d theta_ema + (1 - d) theta after every step, checkpoints and resumes it exactly,
+    and load_network gives it (use_ema=False: the raw weights)."""
+    off = train(_cfg(tmp_path, "plain", "train.ema_decay=0"))
+    p_off = Path(off["run_dir"]) / "checkpoints" / "step_00000004.pt"
+    ck = load_checkpoint(p_off, kind="drdm")
+    assert not ck.get("emas")
+    net, _ = load_network(p_off)
+    assert all(torch.equal(v, ck["models"]["network"][k]) for k, v in net.state_dict().items())
+
+    on = train(_cfg(tmp_path, "ema", "train.ema_decay=0.5", "train.ckpt_every=1"))
+    ckpts = Path(on["run_dir"]) / "checkpoints"
+    c3, c4 = (load_checkpoint(ckpts / f"step_0000000{i}.pt", kind="drdm") for i in (3, 4))
+    ema3, ema4, raw4 = c3["emas"]["network"]["module"], c4["emas"]["network"]["module"], c4["models"]["network"]
+    assert c4["emas"]["network"]["num_updates"] == 4
+    moved = 0
+    for k, v in raw4.items():
+        torch.testing.assert_close(ema4[k], 0.5 * ema3[k] + 0.5 * v, rtol=1e-6, atol=1e-9)
+        moved += int(not torch.equal(ema4[k], v))
+    assert moved > 50  # the average is not the last weights
+    net_ema, _ = load_network(ckpts / "step_00000004.pt")
+    net_raw, _ = load_network(ckpts / "step_00000004.pt", use_ema=False)
+    assert all(torch.equal(v, ema4[k]) for k, v in net_ema.state_dict().items())
+    assert all(torch.equal(v, raw4[k]) for k, v in net_raw.state_dict().items())
+
+    half = _cfg(tmp_path, "ema_halves", "train.ema_decay=0.5")
+    train(half, max_steps=2)
+    resumed = train(half)
+    b = load_checkpoint(Path(resumed["run_dir"]) / "checkpoints" / "step_00000004.pt", kind="drdm")
+    for k, v in ema4.items():
+        assert torch.equal(v, b["emas"]["network"]["module"][k]), k
+    with pytest.raises(ConfigError, match="train.ema_decay"):
+        _cfg(tmp_path, "bad", "train.ema_decay=1.0")
 
 
 def _wait_rows(path: Path, n: int, proc, timeout: float = 240.0) -> None:

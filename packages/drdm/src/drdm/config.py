@@ -84,6 +84,10 @@ class TrainConfig:
     # multiplies conv_out's default (PyTorch) initial weights and bias; 1 = official init, whose O(0.1)
     # output fields are ~100x the targets (spec section 7), so short runs first spend steps shrinking them
     out_init_scale: float = 1.0
+    # extension (not in the official code): exponential moving average of the weights, updated after every
+    # step; 0 = off (official). When on, checkpoints hold it and load_network (augment, evaluate, the demo)
+    # uses it
+    ema_decay: float = 0.0
     ckpt_every: int = 500
     sample_every: int = 500  # steps between preview PNGs
     log_every: int = 10  # every *_every: 0 = at the last step only (medsynth_core.training.due)
@@ -93,6 +97,7 @@ class TrainConfig:
         require(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         require(self.lr > 0, "train.lr", "must be > 0")
         require(self.dist_eps > 0, "train.dist_eps", "must be > 0")
+        require(0.0 <= self.ema_decay < 1.0, "train.ema_decay", "must be in [0, 1) (0 = no EMA, official)")
         require(self.out_init_scale >= 0, "train.out_init_scale", "must be >= 0")
         require(self.steps >= 1, "train.steps", "must be >= 1")
         require(self.lr_schedule in ("constant", "cosine"), "train.lr_schedule", "must be constant or cosine")

@@ -25,8 +25,11 @@ LABEL_MODES = ("nearest", "linear_onehot_argmax", "image")
 KIND = "drdm"  # checkpoint kind of our trained network
 
 
-def load_network(path: str | Path, cfg: DRDMConfig | None = None, map_location: str = "cpu"):
-    """Network (eval mode) and config from one of our checkpoints; the config saved in it wins."""
+def load_network(
+    path: str | Path, cfg: DRDMConfig | None = None, map_location: str = "cpu", use_ema: bool = True
+):
+    """Network (eval mode) and config from one of our checkpoints; the config saved in it wins. A checkpoint
+    trained with ``train.ema_decay > 0`` gives its EMA weights (``use_ema=False``: the raw ones)."""
     from medsynth_core.config import config_from_dict
 
     ckpt = C.load_checkpoint(path, kind=KIND, map_location=map_location)
@@ -35,7 +38,11 @@ def load_network(path: str | Path, cfg: DRDMConfig | None = None, map_location: 
     if cfg is None:
         raise UserError(f"{path}: holds no config; pass --config")
     net = build_network(cfg)
-    C.load_module_state(net, ckpt["models"]["network"], source=str(path))
+    ema = (ckpt.get("emas") or {}).get("network") if use_ema else None
+    if ema is not None:
+        C.load_module_state(net, ema["module"], source=f"{path} [ema]")
+    else:
+        C.load_module_state(net, ckpt["models"]["network"], source=str(path))
     return net.eval(), cfg
 
 

@@ -76,8 +76,12 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                 net.conv_out.bias.mul_(tc.out_init_scale)
         model = D.wrap_ddp(net, info)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=tc.lr)
+        state: dict[str, Any] = {"models": {"network": net}, "optimizers": {"adam": opt}}
+        ema = T.EMA(net, tc.ema_decay) if tc.ema_decay > 0 else None
+        if ema is not None:
+            state["emas"] = {"network": ema}
         mgr = C.CheckpointManager(run.checkpoints, keep_last=rc.keep_last)
-        start, resumed = mgr.resume(resume, KIND, models={"network": net}, optimizers={"adam": opt})
+        start, resumed = mgr.resume(resume, KIND, **state)
         if info.is_main:
             save_config(cfg, run.config)
         diffusion = build_diffusion(cfg, sampling=False)
@@ -91,7 +95,7 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
         last: dict[str, float] = {}
         preempted = None
 
-        save = mgr.saver(KIND, models={"network": net}, optimizers={"adam": opt}, config=config_to_dict(cfg))
+        save = mgr.saver(KIND, **state, config=config_to_dict(cfg))
 
         with T.RunLogger(run, resume_step=start) as logger, T.PreemptionGuard() as stop:
             for step, x0 in T.progress(
@@ -125,6 +129,8 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
                     for group in opt.param_groups:
                         group["lr"] = lr_at(tc, step)
                 opt.step()
+                if ema is not None:
+                    ema.update(net)
                 done = step + 1
                 last = D.all_reduce_dict({k: v.detach() for k, v in terms.items()})
                 if T.due(done, tc.log_every, end):
