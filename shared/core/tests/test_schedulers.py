@@ -54,8 +54,8 @@ def test_ddpm_equals_monai_where_the_conventions_agree():
 
 
 def test_irregular_timesteps_step_to_their_neighbours():
-    s = SpacedDDIMScheduler(1000, "diffae_linear", clip_sample=False)
-    ts = list(range(0, 1000, 34))  # DiffAE's ddim30: stride 34, not MONAI's 1000 // 30 = 33
+    s = SpacedDDIMScheduler(1000, "linear_beta_rescaled", clip_sample=False)
+    ts = list(range(0, 1000, 34))  # a ddim30 stride list: stride 34, not MONAI's 1000 // 30 = 33
     s.set_timesteps(timesteps=ts)
     assert s.timesteps.tolist() == ts[::-1] and s.num_inference_steps == 30
     x = torch.randn(1, 1, 4, 4, dtype=torch.float64)
@@ -76,7 +76,7 @@ def test_irregular_timesteps_step_to_their_neighbours():
 
 def test_ddim_inversion_round_trip_with_the_exact_denoiser():
     """Point mass at x*: the exact ε makes encode → decode return x* (up to the ODE's discretisation)."""
-    s = SpacedDDIMScheduler(1000, "diffae_linear", recompute_eps=True)
+    s = SpacedDDIMScheduler(1000, "linear_beta_rescaled", recompute_eps=True)
     s.set_timesteps(timesteps=list(range(0, 1000, 50)))
     x_star = torch.linspace(-1, 1, 11, dtype=torch.float64).reshape(1, 1, 1, 11)
 
@@ -116,7 +116,7 @@ def test_schedules_in_float64_and_add_noise_keeps_them():
     torch.testing.assert_close(xt[1], math.sqrt(a) * x[1] + math.sqrt(1 - a) * n[1])
     c = SpacedDDIMScheduler(10, "constant_beta", beta=0.008)
     torch.testing.assert_close(c.alphas_cumprod[[0, 9]], torch.tensor([0.992, 0.992**10], dtype=torch.float64))
-    d = SpacedDDIMScheduler(500, "diffae_linear")  # DiffAE scales both ends by 1000 / T
+    d = SpacedDDIMScheduler(500, "linear_beta_rescaled")  # both ends scaled by 1000 / T
     torch.testing.assert_close(d.betas[[0, -1]], torch.tensor([2e-4, 0.04], dtype=torch.float64))
 
 

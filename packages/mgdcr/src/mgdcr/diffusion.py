@@ -1,7 +1,7 @@
 """Gaussian diffusion with the exact DiffAE conventions (spec §1.2, checklist B), on MONAI's DDIM scheduler
 (``medsynth_core.schedulers.SpacedDDIMScheduler``; issue 17):
 
-* linear β from 1e-4 to 0.02 (both scaled by 1000/T), ᾱ in float64 (the ``diffae_linear`` schedule);
+* linear β from 1e-4 to 0.02 (both scaled by 1000/T), ᾱ in float64 (the ``linear_beta_rescaled`` schedule);
 * ``ddimN`` spacing: the smallest integer stride s with ``len(range(0, T, s)) == N``;
 * ε-prediction, raw integer t passed to the network (``rescale_timesteps=False``);
 * DDIM (η = 0) decode and stochastic encoding (reverse ODE) with x̂₀ clipped to [-1, 1] at every step and ε
@@ -48,7 +48,7 @@ class GaussianDiffusion:
         self.schedule_args: dict = (
             {"schedule": "constant_beta", "beta": float(const_beta)}
             if const_beta is not None
-            else {"schedule": "diffae_linear", "beta_start": beta_start, "beta_end": beta_end}
+            else {"schedule": "linear_beta_rescaled", "beta_start": beta_start, "beta_end": beta_end}
         )
         self.scheduler = self.make_scheduler()
         self.betas = self.scheduler.betas.numpy()

@@ -1,22 +1,22 @@
 """DDPM and DDIM on MONAI's schedulers, with the conventions of the official diffusion codes (issue 17).
 
 MONAI's ``DDPMScheduler`` / ``DDIMScheduler`` give the schedule registry, the timestep bookkeeping and the
-posterior of the ancestral step. The two papers that sample (mgdcr's DiffAE, meddiffusion3d) differ from them
-in ways that change the numbers, so the subclasses here pin those conventions down:
+posterior of the ancestral step. The official diffusion codes the packages follow (guided-diffusion lineage)
+differ from them in ways that change the numbers, so the subclasses here pin those conventions down:
 
-* the schedule is computed in float64 (``schedule_dtype`` may store it as float32, as meddiffusion3d's
-  official buffers are) and ``add_noise`` never casts the stored schedule to the sample's dtype;
+* the schedule is computed in float64 (``schedule_dtype`` may store it as float32, as some official
+  buffers are) and ``add_noise`` never casts the stored schedule to the sample's dtype;
 * x̂₀ is ``√(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε`` and ε from x̂₀ is ``(√(1/ᾱ_t)·x_t − x̂₀)/√(1/ᾱ_t − 1)``, the
   guided-diffusion forms both official codes use;
-* DDIM runs over an explicit, possibly irregular list of timesteps (DiffAE's ``ddimN`` strides,
-  meddiffusion3d's truncated ``linspace``): the previous / next timestep is the list's neighbour, not
-  ``t ∓ T // N``; optionally the direction term uses the ε of the clipped x̂₀ (DiffAE; meddiffusion3d's flag);
-* DDIM inversion (``reversed_step``) ends at ᾱ = ``final_alpha_next`` (0 for DiffAE, so x_T is the last ε);
+* DDIM runs over an explicit, possibly irregular list of timesteps (integer strides that need not divide T,
+  a truncated ``linspace``): the previous / next timestep is the list's neighbour, not ``t ∓ T // N``;
+  optionally the direction term uses the ε of the clipped x̂₀;
+* DDIM inversion (``reversed_step``) ends at ᾱ = ``final_alpha_next`` (0: x_T is the last ε estimate);
 * noise may come from one generator per batch element (:func:`randn`), so a batch samples as its elements one
   at a time.
 
-Extra schedules registered in MONAI's ``NoiseSchedules``: ``diffae_linear`` (DiffAE's linear β scaled by
-1000/T), ``constant_beta`` and ``cosine_clipped`` (Nichol & Dhariwal in float64, β clipped to ``max_beta``).
+Extra schedules registered in MONAI's ``NoiseSchedules``: ``linear_beta_rescaled`` (linear β whose ends are
+scaled by 1000/T, guided-diffusion's ``get_named_beta_schedule``), ``constant_beta`` and ``cosine_clipped`` (Nichol & Dhariwal in float64, β clipped to ``max_beta``).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def _register(name: str, desc: str):
     return deco
 
 
-@_register("diffae_linear", "DiffAE linear beta: ends scaled by 1000/T, float64")
-def diffae_linear(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+@_register("linear_beta_rescaled", "linear beta with both ends scaled by 1000/T (guided-diffusion), float64")
+def linear_beta_rescaled(num_train_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     scale = 1000.0 / num_train_timesteps
     return torch.from_numpy(
         np.linspace(scale * beta_start, scale * beta_end, num_train_timesteps, dtype=np.float64)
@@ -173,9 +173,9 @@ class SpacedDDIMScheduler(_OfficialConventions, DDIMScheduler):
     """MONAI's ``DDIMScheduler`` over an explicit list of timesteps (Song et al. eq. 12; ε-prediction).
 
     Args:
-        recompute_eps: the direction term uses the ε of the clipped x̂₀ (DiffAE) instead of the network's ε
-            (MONAI, meddiffusion3d's official ``p_sample_ddim``); only differs where clipping bites.
-        final_alpha_next: ᾱ after the last timestep of ``reversed_step`` (DiffAE: 0, x_T = the last ε).
+        recompute_eps: the direction term uses the ε of the clipped x̂₀ instead of the network's ε (MONAI's
+            choice); only differs where clipping bites.
+        final_alpha_next: ᾱ after the last timestep of ``reversed_step`` (0: x_T = the last ε estimate).
         schedule_dtype: dtype the schedule is stored in (computed in float64 by the ``*_beta`` functions here).
 
     After the first timestep of the list, ᾱ_prev = 1 (``set_alpha_to_one``): the last step returns x̂₀.
