@@ -3,8 +3,8 @@ loss, ancestral DDPM sampling, a corrected DDIM (spec §6 item 8), optional clas
 default: the official model has none) and the model-EMA rule of spec §2 / checklist item 14.
 
 The samplers step with MONAI's schedulers (``medsynth_core.schedulers``: ``AncestralScheduler`` for DDPM,
-``SpacedDDIMScheduler`` for DDIM; issue 17) on the official float32 schedule; the module keeps the official
-buffers for checkpoints and training.
+``SpacedDDIMScheduler`` for DDIM; issue 17) on the official schedule in float64, cast where used (so their
+coefficients equal the official float32 buffers); the module keeps those buffers for checkpoints and training.
 
 The denoiser is called as ``denoise_fn(x_t, t, y=y, res=res)`` and, for a ControlNet, with ``hint=hint`` too.
 """
