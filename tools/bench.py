@@ -78,7 +78,7 @@ def compare(args: argparse.Namespace, configs: list[str]) -> dict:
     """Every case of this tree vs the same-named case at ``args.compare`` (see the module docstring)."""
     base, sha = worktree(args.compare, Path(args.trees))
     opts = ["--device", args.device, "--threads", str(args.threads or 0), "--warmup", str(args.warmup),
-            "--repeats", str(args.inner_repeats)]  # fmt: skip
+            "--repeats", str(args.inner_repeats), "--channels-last", args.channels_last]  # fmt: skip
     rows = []
     for pkg in select(args.package):
         for config in configs:
@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the ratio revision/ours")  # fmt: skip
     ap.add_argument("--case", action="append", default=None,
                     help="with --compare: only cases whose name contains this (repeatable)")
+    ap.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                    help="run.channels_last for this tree's cases (auto: CUDA only; a tree without the switch "
+                         "ignores it)")  # fmt: skip
     ap.add_argument("--inner-repeats", type=int, default=3,
                     help="with --compare: timed iterations per process (their median; --repeats counts processes)")
     ap.add_argument("--trees", default=str(ROOT / "runs" / "bench"),
@@ -139,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    import medsynth_core.bench
+
+    medsynth_core.bench.CHANNELS_LAST = args.channels_last
     device = torch.device(args.device)
     report = {
         "machine": {"platform": platform.platform(), "processor": cpu_model(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "channels_last": args.channels_last,
                     "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
         "packages": {},
     }

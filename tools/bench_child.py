@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed iterations (their median)")
+    ap.add_argument("--channels-last", default="auto", help="run.channels_last for the tree's cases (if it has one)")
     args = ap.parse_args(argv)
 
     tree = Path(args.tree).resolve()
@@ -53,10 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         print("BENCH_RESULT " + json.dumps({"missing": f"no case {args.case!r} in {origin}"}))
         return 0
-    from medsynth_core.bench import run_case
+    import medsynth_core.bench as core_bench
 
-    result = run_case(chosen[0], torch.device(args.device), warmup=args.warmup, repeats=args.repeats)
-    result.update(threads=torch.get_num_threads(), torch=torch.__version__, module=str(origin))
+    # a tree without the switch (older revisions) has no CHANNELS_LAST; its cases run as they always did
+    layout = args.channels_last if hasattr(core_bench, "CHANNELS_LAST") else "n/a"
+    core_bench.CHANNELS_LAST = args.channels_last
+    result = core_bench.run_case(chosen[0], torch.device(args.device), warmup=args.warmup, repeats=args.repeats)
+    result.update(threads=torch.get_num_threads(), torch=torch.__version__, module=str(origin), channels_last=layout)
     print("BENCH_RESULT " + json.dumps(result, default=str))
     return 0
 

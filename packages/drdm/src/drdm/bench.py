@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medsynth_core.bench import BenchCase
+from medsynth_core.bench import BenchCase, layout
 from medsynth_core.training import count_parameters
 
 from .config import build_diffusion, build_network, load
@@ -15,7 +15,7 @@ def cases(config: str) -> list[BenchCase]:
     cfg = load(config)
 
     def setup(device: torch.device) -> dict:
-        net = build_network(cfg).to(device)
+        net = layout(build_network(cfg).to(device), device)
         opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=cfg.train.lr)
         diff = build_diffusion(cfg)
         b, s, nd = cfg.train.batch_size, cfg.diffusion.img_size, cfg.model.ndims

@@ -69,7 +69,8 @@ def train(cfg: DRDMConfig, resume: str | None = None, max_steps: int | None = No
     with D.distributed_session(_device(rc.device)) as info:
         D.seed_everything(rc.seed)
         run = T.RunDir.create(rc.root, "drdm", rc.name)
-        net = build_network(cfg).to(info.device)
+        net = T.to_channels_last(build_network(cfg).to(info.device),
+                                 T.channels_last_enabled(rc.channels_last, info.device))  # issue 19
         if tc.out_init_scale != 1.0:  # a resumed run overwrites this with the checkpoint's weights
             with torch.no_grad():
                 net.conv_out.weight.mul_(tc.out_init_scale)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from medsynth_core import bench as B
 from medsynth_core.bench import BenchCase
 from medsynth_core.config import load_config
 
@@ -29,6 +30,7 @@ def _setup(config: str, device: torch.device) -> dict[str, Any]:
 
     cfg = _config(config)
     cfg.run.device = str(device)
+    cfg.run.channels_last = B.CHANNELS_LAST  # the trainer lays the networks out (tools/bench.py --channels-last)
     torch.manual_seed(0)
     from medsynth_core.distributed import DistInfo
 

@@ -62,14 +62,17 @@ class Trainer:
         self.cfg = cfg
         self.info = info or D.DistInfo(0, 1, 0, torch.device("cpu"), None)
         dev = self.info.device
-        self.generator = build_generator(cfg.model).to(dev)
-        self.discs = {k: v.to(dev) for k, v in build_discriminators(cfg.model, cfg.disc).items()}
+        cl = T.channels_last_enabled(cfg.run.channels_last, dev)  # issue 19 (auto: CUDA only)
+        self.generator = T.to_channels_last(build_generator(cfg.model).to(dev), cl)
+        self.discs = {k: T.to_channels_last(v.to(dev), cl) for k, v in build_discriminators(cfg.model, cfg.disc).items()}
         self.pair = D.wrap_ddp(GeneratorPair(self.generator), self.info)
         self.ddp_discs = {k: D.wrap_ddp(v, self.info) for k, v in self.discs.items()}
         lc = cfg.loss
         self.perceptual = None
         if lc.w_perc > 0 and lc.perceptual != "none":
-            self.perceptual = PerceptualLoss(lc.perceptual, lc.perceptual_weights, lc.perceptual_seed).to(dev)
+            self.perceptual = T.to_channels_last(
+                PerceptualLoss(lc.perceptual, lc.perceptual_weights, lc.perceptual_seed).to(dev), cl
+            )
         tc = cfg.train
         adam = dict(betas=tuple(tc.betas))  # no weight decay; LambdaLR ≡ 1 so the lr is constant (spec §3)
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=tc.lr_g, **adam)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from medsynth_core.bench import BenchCase
+from medsynth_core.bench import BenchCase, layout
 from medsynth_core.config import bundled_configs, load_config
 
 from .config import Config, build_autoencoder
@@ -31,8 +31,8 @@ def _train_step_case() -> BenchCase:
 
         cfg = _cfg("demo")
         ae, disc = (
-            build_autoencoder(cfg.ae).to(device).train(),
-            build_discriminator(cfg.ae).to(device).train(),
+            layout(build_autoencoder(cfg.ae).to(device).train(), device),
+            layout(build_discriminator(cfg.ae).to(device).train(), device),
         )
         loss_fn = AELoss(cfg.ae).to(device)
         opt = torch.optim.Adam(ae.trainable_parameters(), lr=cfg.ae.stage1.lr, betas=(0.5, 0.9))
@@ -60,7 +60,7 @@ def _codec_case(config: str, side: int, chunk: int, mode: str, tile: int = 0) ->
     def setup(device: torch.device) -> dict:
         cfg = _cfg(config)
         torch.manual_seed(0)
-        ae = build_autoencoder(cfg.ae).to(device).eval()
+        ae = layout(build_autoencoder(cfg.ae).to(device).eval(), device)
         p = cfg.data.patch
         x = torch.rand(1, 1, side, side, side, device=device) * 2 - 1
         if mode == "encode":
@@ -97,7 +97,7 @@ def _denoiser_case(config: str, side: int, batch: int, mode: str) -> BenchCase:
 
         cfg = _cfg(config)
         torch.manual_seed(0)
-        net = build_biflownet(cfg.biflownet).to(device)
+        net = layout(build_biflownet(cfg.biflownet).to(device), device)
         diff = build_diffusion(cfg).to(device)
         c = cfg.biflownet.channels
         z = torch.randn(batch, c, side, side, side, device=device)
@@ -124,7 +124,7 @@ def _denoiser_case(config: str, side: int, batch: int, mode: str) -> BenchCase:
         if mode == "control":
             from .controlnet import ControlledBiFlowNet
 
-            m = ControlledBiFlowNet(net, variant="v1").to(device).eval()
+            m = layout(ControlledBiFlowNet(net, variant="v1").to(device).eval(), device)
             params = sum(q.numel() for q in m.controlnet.parameters())
 
             def run() -> None:

@@ -204,6 +204,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> dict:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         model = build_biflownet(cfg.biflownet).to(device)
+        T.to_channels_last(model, T.channels_last_enabled(cfg.run.channels_last, device))  # issue 19
         for grid in ds.grids:
             try:
                 model.check_input(torch.empty(1, cfg.biflownet.channels, *grid, device="meta"))

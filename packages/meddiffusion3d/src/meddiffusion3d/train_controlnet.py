@@ -90,6 +90,7 @@ def train_controlnet(cfg: Config, resume: str | Path | None = None) -> dict:
         m = ControlledBiFlowNet(
             gen.model, variant=cc.variant, hint_channels=cc.hint_channels, control_scales=cc.control_scales
         ).to(device)
+        T.to_channels_last(m, T.channels_last_enabled(cfg.run.channels_last, device))  # issue 19
         diff = build_diffusion(cfg).to(device)
         opt = torch.optim.Adam(m.trainable_parameters(), lr=cc.lr)
         enc = LatentEncoder(gen)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from medsynth_core.bench import BenchCase
+from medsynth_core.bench import BenchCase, layout
 from medsynth_core.config import bundled_configs, load_config
 
 from .config import Config
@@ -27,7 +27,7 @@ def cases(config: str) -> list[BenchCase]:
 
     def model_on(device):
         torch.manual_seed(0)
-        return DiffAE(cfg.model).to(device), GaussianDiffusion(cfg.diffusion.T)
+        return layout(DiffAE(cfg.model).to(device), device), GaussianDiffusion(cfg.diffusion.T)
 
     def train_step(device):
         model, d = model_on(device)

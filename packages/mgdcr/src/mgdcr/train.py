@@ -106,6 +106,7 @@ def train(
             save_config(cfg, run.config)
         train_ds, val_ds = build_datasets(cfg)
         model = DiffAE(cfg.model).to(info.device)
+        T.to_channels_last(model, T.channels_last_enabled(cfg.run.channels_last, info.device))  # issue 19
         ema = T.EMA(model, cfg.train.ema_decay)
         net = D.wrap_ddp(model, info)
         opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
@@ -240,6 +241,7 @@ def train_latent(cfg: Config, resume: str | Path | None = None) -> Path:
         std = zs.std(0).clamp_min(1e-8) if lc.znormalize else torch.ones(zs.shape[1])
         data = _ZDataset((zs - mean) / std)
         net = _latent_net(cfg, zs.shape[1]).to(info.device)
+        T.to_channels_last(net, T.channels_last_enabled(cfg.run.channels_last, info.device))  # issue 19
         ema = T.EMA(net, lc.ema_decay)
         ddp = D.wrap_ddp(net, info)
         opt = torch.optim.AdamW(net.parameters(), lr=lc.lr, weight_decay=lc.weight_decay)

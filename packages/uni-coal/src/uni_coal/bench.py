@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from medsynth_core import bench as B
 from medsynth_core.bench import BenchCase
 from medsynth_core.config import bundled_configs, load_config
 
@@ -17,6 +18,7 @@ def _cfg(name: str, sam: bool = False) -> Config:
     weights in the bench environment), with ``sam`` it is on at the paper weight, computed by a
     random-initialised ViT-B image encoder (the paper's per-step cost; the 2-image batch padded to a 2x2 mosaic)."""
     cfg = load_config(Config, CONFIGS / f"{name}.yaml")
+    cfg.run.channels_last = B.CHANNELS_LAST  # the trainer lays the networks out (tools/bench.py --channels-last)
     if sam:
         cfg.sam.checkpoint = None
         cfg.sam.allow_random = True
@@ -61,7 +63,7 @@ def cases(config: str) -> list[BenchCase]:
         from .model import UniCOALGenerator
 
         cfg = _cfg(config)
-        g = UniCOALGenerator(cfg.generator).to(device).eval()
+        g = B.layout(UniCOALGenerator(cfg.generator).to(device).eval(), device)
         batch = _batch(cfg, device)
         z = torch.randn(cfg.train.batch_size, cfg.generator.z_dim, device=device)
 

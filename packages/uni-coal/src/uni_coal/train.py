@@ -64,6 +64,8 @@ class Trainer:
             torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
             self.G = UniCOALGenerator(cfg.generator).to(self.device).train()
             self.D = CoModDiscriminator(cfg.discriminator).to(self.device).train()
+        cl = T.channels_last_enabled(cfg.run.channels_last, self.device)  # issue 19 (auto: CUDA only)
+        T.to_channels_last(self.G, cl), T.to_channels_last(self.D, cl)
         self.ema = T.EMA(
             self.G, decay=L.ema_beta(cfg.train.batch_size * world_size, cfg.optim.ema_half_life_images)
         )

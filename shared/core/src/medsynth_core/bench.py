@@ -17,6 +17,17 @@ from typing import Any
 
 import torch
 
+# ``run.channels_last`` for every case (tools/bench.py --channels-last): auto (CUDA only) | on | off
+CHANNELS_LAST = "auto"
+
+
+def layout(module: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:
+    """The memory layout training would give ``module`` under the bench's ``CHANNELS_LAST`` setting (cases
+    call it where their trainer calls ``training.to_channels_last``)."""
+    from .training import channels_last_enabled, to_channels_last
+
+    return to_channels_last(module, channels_last_enabled(CHANNELS_LAST, device))
+
 
 @dataclass
 class BenchCase:

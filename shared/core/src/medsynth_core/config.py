@@ -58,9 +58,14 @@ class RunSection:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     keep_last: int = 3  # periodic checkpoints kept (plus the best where a package tracks one)
     deterministic: bool = False
+    # issue 19: convolution weights in the channels-last layout (auto: on CUDA only, so CPU results never
+    # change; on: also on CPU, where oneDNN's NHWC kernels are faster but sum in another order)
+    channels_last: str | bool = "auto"
 
     def __post_init__(self) -> None:
         require(bool(str(self.name).strip()), "name", "must not be empty")
+        self.channels_last = {True: "on", False: "off"}.get(self.channels_last, self.channels_last)  # type: ignore[call-overload]
+        require(self.channels_last in ("auto", "on", "off"), "channels_last", "must be auto, on or off")
         require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
         require(self.keep_last >= 1, "keep_last", "must be >= 1")
 

@@ -96,6 +96,35 @@ def grad_scaler(device: torch.device | str, enabled: bool = True) -> torch.amp.G
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, enabled) == torch.float16)
 
 
+CHANNELS_LAST = ("auto", "on", "off")
+
+
+def channels_last_enabled(setting: str | bool, device: torch.device | str) -> bool:
+    """``run.channels_last``: ``auto`` (on CUDA only, so CPU results never change), ``on`` or ``off``."""
+    setting = {True: "on", False: "off"}.get(setting, setting)  # type: ignore[call-overload]
+    if setting not in CHANNELS_LAST:
+        raise ValueError(f"channels_last must be one of {CHANNELS_LAST}, got {setting!r}")
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
+
+
+def to_channels_last(module: torch.nn.Module, enabled: bool = True) -> torch.nn.Module:
+    """Store the module's 4-D weights (and buffers) channels_last and its 5-D ones channels_last_3d, in place.
+
+    Convolutions then run in the NHWC / NDHWC layout (oneDNN on CPU, cuDNN on GPU) and hand that layout on to
+    the next layer, without any change to the inputs; values are the same up to the order of float sums
+    (within the fixtures' tolerances, not bit-identical). Call it before the optimiser's state exists."""
+    if not enabled:
+        return module
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}
+    with torch.no_grad():
+        for sub in module.modules():
+            for table in (sub._parameters, sub._buffers):
+                for t in table.values():
+                    if t is not None and t.ndim in fmt:
+                        t.data = t.data.contiguous(memory_format=fmt[t.ndim])
+    return module
+
+
 def clip_gradients(parameters: Iterable[torch.nn.Parameter], max_norm: float | None) -> float:
     """Clip to ``max_norm`` (skip when None/≤0); returns the total norm before clipping."""
     params = [p for p in parameters if p.grad is not None]
