@@ -143,6 +143,13 @@ def test_train_augment_evaluate_cli(tmp_path, capsys):
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert [r["t"] for r in m["forward_levels"]] == [10, 40] and 0 <= m["recovery"]["phi_fold"] <= 1
     assert (tmp_path / "ev" / "levels.csv").is_file()
+    # run.channels_last=on (issue 19) at inference: the same figures up to the order of float sums
+    args = ["evaluate", "--json", "--checkpoint", str(ckpt), "--levels", "10,40", "--seeds", "1", "--t-start", "3",
+            "--out", str(tmp_path / "ev_cl"), "augment.reverse_from_start=true", "run.channels_last=on"]  # fmt: skip
+    assert main(args) == 0
+    m_cl = json.loads((tmp_path / "ev_cl" / "metrics.json").read_text())
+    floats = {k: v for k, v in m["recovery"].items() if isinstance(v, float)}
+    assert floats and {k: m_cl["recovery"][k] for k in floats} == pytest.approx(floats, rel=1e-3, abs=2e-3)
     assert (
         main(
             [

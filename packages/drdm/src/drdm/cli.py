@@ -38,6 +38,15 @@ def _run_train(cfg, args: argparse.Namespace):
 
 
 def _net_and_cfg(args: argparse.Namespace):
+    net, cfg = _loaded(args)
+    from medsynth_core import training as T
+
+    # run.channels_last (issue 19; auto = CUDA only): the network call is 1.56x faster with it on a CPU
+    T.to_channels_last(net, T.channels_last_enabled(cfg.run.channels_last, args.device))
+    return net, cfg
+
+
+def _loaded(args: argparse.Namespace):
     from .config import load
     from .infer import load_network
 
