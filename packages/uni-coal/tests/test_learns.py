@@ -1,6 +1,6 @@
 """Shown to learn (issue 15, ``../shared/LEARNING.md``): ONE co-modulated generator, trained from scratch by
-the demo recipe on the paper's task mix (adversarial + L1 + R1, EMA), beats the trivial answers on
-held-out phantom subjects for SR, CMS and CMSR.
+the demo recipe (the task mix of the evaluated pairs: T2 target, T1/T2 source; adversarial + L1 + R1,
+EMA), beats the trivial answers on held-out phantom subjects for SR, CMS and CMSR.
 
 One ``run_demo`` with the demo config and seeds (the function ``uni-coal demo`` calls); every figure of its
 ``metrics.json`` is recomputed from the NIfTI files it wrote.
@@ -13,7 +13,7 @@ import json
 import pytest
 
 from medsynth_core.heldout import check_margins, rescore
-from uni_coal.demo import HELDOUT_CASES, HELDOUT_SEED, MARGINS, TASKS, demo_config, run_demo
+from uni_coal.demo import HELDOUT_CASES, HELDOUT_SEED, MARGINS, SR_THICKNESS, TASKS, demo_config, run_demo
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +24,9 @@ def demo(tmp_path_factory):
 
 
 # Margins the recipe does not reach yet: strict expected failures with the numbers measured (an XPASS fails
-# the run, so a fix must remove the entry). The threshold itself is never lowered.
-_MEASURED = "demo recipe (1200 steps, seed 0, 3 held-out phantoms) measured"
-_WHY = (
-    "; inside the head the output correlates with the target at 0.48 (SR): the generator has not learnt the "
-    "content at demo size (G alone with L1 copies the identity task at 0.98 but reaches 0.6 on SR in the paper's "
-    "task mix); a PSF-blurred phantom lifts trilinear more than ours (README, 'inside the head')"
-)
-NOT_YET: dict[tuple[str, str], str] = {
-    ("sr", "trilinear"): f"{_MEASURED} ours 17.54 dB < trilinear 18.53 + 0.5{_WHY}",
-    ("sr", "nearest"): f"{_MEASURED} ours 17.54 dB < nearest 17.03 + 2{_WHY}",
-}
+# the run, so a fix must remove the entry). The threshold itself is never lowered. None since the demo recipe
+# trains the evaluated pairs (T2 target, T1/T2 source): SR 19.44 vs trilinear 18.53 on the recorded seed.
+NOT_YET: dict[tuple[str, str], str] = {}
 
 MARGIN_CASES = [
     pytest.param(
@@ -98,6 +90,10 @@ def test_recipe_and_files(demo):
     assert (
         m["losses_on"]["adversarial"] and m["losses_on"]["lambda_l1"] > 0 and m["losses_on"]["lambda_r1"] > 0
     )
+    # one network for the three tasks: the recipe draws SR (T2 -> T2, t > 1), CMS (T1 -> T2, t = 1) and CMSR
+    d = cfg.data
+    assert d.fixed_target == "T2" and set(d.sources) == {"T1", "T2"} and d.fixed_source is None
+    assert 1 in d.thicknesses and SR_THICKNESS in d.thicknesses
     assert m["subjects"]["heldout_seeds"][0] == HELDOUT_SEED > m["subjects"]["train_seeds"][1]
     for name in ("figure.png", "figure_sr.png", "figure_cms.png", "figure_cmsr.png"):
         assert (out / name).stat().st_size > 1000
