@@ -79,7 +79,8 @@ def train_ae(
         ae = build_autoencoder(cfg.ae).to(device)
         disc = build_discriminator(cfg.ae).to(device)
         cl = T.channels_last_enabled(cfg.run.channels_last, device)  # issue 19 (auto: CUDA only)
-        T.to_channels_last(ae, cl), T.to_channels_last(disc, cl)
+        for net in (ae, disc):
+            T.to_channels_last(net, cl)
         mgr = C.CheckpointManager(run.checkpoints, keep_last=cfg.run.keep_last)
         resume_path = mgr.resume_source(resume)
         if stage == 2 and resume_path is None:

@@ -65,7 +65,8 @@ class Trainer:
             self.G = UniCOALGenerator(cfg.generator).to(self.device).train()
             self.D = CoModDiscriminator(cfg.discriminator).to(self.device).train()
         cl = T.channels_last_enabled(cfg.run.channels_last, self.device)  # issue 19 (auto: CUDA only)
-        T.to_channels_last(self.G, cl), T.to_channels_last(self.D, cl)
+        for net in (self.G, self.D):
+            T.to_channels_last(net, cl)
         self.ema = T.EMA(
             self.G, decay=L.ema_beta(cfg.train.batch_size * world_size, cfg.optim.ema_half_life_images)
         )

@@ -44,6 +44,14 @@ from .atomic import atomic_write_text
 T = TypeVar("T")
 
 
+CHANNELS_LAST = ("auto", "on", "off")
+
+
+def channels_last_setting(value: str | bool) -> str:
+    """``run.channels_last`` as one of :data:`CHANNELS_LAST` (YAML reads a bare on/off as a bool)."""
+    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 @dataclasses.dataclass
 class RunSection:
     """The ``run`` section every package shares: where a run is written (``<root>/<package>/<name>/``), its
@@ -64,8 +72,8 @@ class RunSection:
 
     def __post_init__(self) -> None:
         require(bool(str(self.name).strip()), "name", "must not be empty")
-        self.channels_last = {True: "on", False: "off"}.get(self.channels_last, self.channels_last)  # type: ignore[call-overload]
-        require(self.channels_last in ("auto", "on", "off"), "channels_last", "must be auto, on or off")
+        self.channels_last = channels_last_setting(self.channels_last)
+        require(self.channels_last in CHANNELS_LAST, "channels_last", "must be auto, on or off")
         require(self.threads >= 0, "threads", "must be >= 0 (0 = torch's default)")
         require(self.keep_last >= 1, "keep_last", "must be >= 1")
 

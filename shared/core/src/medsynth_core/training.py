@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .config import CHANNELS_LAST, channels_last_setting
 from .distributed import get_rank, get_world_size, is_main_process, unwrap
 
 log = logging.getLogger("medsynth")
@@ -96,12 +97,9 @@ def grad_scaler(device: torch.device | str, enabled: bool = True) -> torch.amp.G
     return torch.amp.GradScaler("cuda", enabled=autocast_dtype(device, enabled) == torch.float16)
 
 
-CHANNELS_LAST = ("auto", "on", "off")
-
-
 def channels_last_enabled(setting: str | bool, device: torch.device | str) -> bool:
     """``run.channels_last``: ``auto`` (on CUDA only, so CPU results never change), ``on`` or ``off``."""
-    setting = {True: "on", False: "off"}.get(setting, setting)  # type: ignore[call-overload]
+    setting = channels_last_setting(setting)
     if setting not in CHANNELS_LAST:
         raise ValueError(f"channels_last must be one of {CHANNELS_LAST}, got {setting!r}")
     return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
